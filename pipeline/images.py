@@ -1,0 +1,80 @@
+"""Decode radiographs and turn them into DenseNet-121 input tensors.
+
+The pipeline and ``cxrgen predict`` both call :func:`preprocess_radiograph`, so a study
+is seen the same way in training and in use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# ImageNet statistics in RGB order for pixels scaled to [0, 1]. CheXNet was trained on
+# inputs normalised with exactly these values, and so were Keras' ImageNet DenseNet weights.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]"
+
+
+class ImageDecodeError(ValueError):
+    """Raised when a file cannot be used as a radiograph; the message names the file and why."""
+
+
+def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
+    """Decode a radiograph to grayscale intensities.
+
+    Accepts 8-bit and 16-bit grayscale, RGB, RGBA and palette images in any format Pillow
+    reads. Returns a float32 array of shape (height, width) with values in [0, 1].
+    Raises ImageDecodeError for empty, truncated, non-image or oversized files.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{path}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                    "(featurize.max_pixels); raise the limit if the image is genuine"
+                )
+            image.load()
+            return _to_unit_gray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageDecodeError(f"{path}: not a readable image ({error})") from None
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(f"{path}: rejected as a decompression bomb ({error})") from None
+
+
+def _to_unit_gray(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float32)
+        scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        return np.clip(pixels / scale, 0.0, 1.0)
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        return np.clip(pixels, 0.0, 1.0)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    gray = image.convert("L")
+    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def resize_and_normalise(gray: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize a grayscale radiograph and apply ImageNet normalisation.
+
+    ``gray`` is float32 (height, width) in [0, 1]. Returns float32
+    (image_size, image_size, 3): the gray channel copied to R, G and B, then normalised
+    with IMAGENET_MEAN and IMAGENET_STD. The aspect ratio is not kept, as in CheXNet.
+    """
+    image = Image.fromarray(gray, mode="F").resize((image_size, image_size), Image.Resampling.BILINEAR)
+    resized = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    rgb = np.repeat(resized[:, :, None], 3, axis=2)
+    return (rgb - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def preprocess_radiograph(path: Path | str, image_size: int, max_pixels: int) -> np.ndarray:
+    """Decode, resize and normalise one radiograph: float32 (image_size, image_size, 3)."""
+    return resize_and_normalise(read_radiograph(path, max_pixels), image_size)

@@ -1,0 +1,68 @@
+"""Radiograph decoding across PNG modes, normalisation, and rejection of bad files."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, preprocess_radiograph, read_radiograph
+
+LIMIT = 10_000_000
+
+
+def _gradient(size=(40, 30)) -> np.ndarray:
+    width, height = size
+    return np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_modes_decode_to_same_gray(tmp_path, mode):
+    gray = _gradient()
+    path = tmp_path / f"image-{mode.replace(';', '')}.png"
+    if mode == "I;16":
+        Image.fromarray(gray.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(gray, "L").convert(mode).save(path)
+    decoded = read_radiograph(path, LIMIT)
+    assert decoded.shape == (30, 40)
+    assert decoded.dtype == np.float32
+    np.testing.assert_allclose(decoded, gray / 255.0, atol=1 / 255)
+
+
+def test_preprocess_shape_and_normalisation(tmp_path):
+    path = tmp_path / "white.png"
+    Image.fromarray(np.full((50, 70), 255, np.uint8)).save(path)
+    pixels = preprocess_radiograph(path, 32, LIMIT)
+    assert pixels.shape == (32, 32, 3)
+    np.testing.assert_allclose(pixels[0, 0], (1.0 - IMAGENET_MEAN) / IMAGENET_STD, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "not a readable image"), (b"hello, not an image", "not a readable image")],
+)
+def test_bad_files_raise(tmp_path, content, reason):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=reason):
+        read_radiograph(path, LIMIT)
+
+
+def test_truncated_png_raises(tmp_path):
+    path = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ImageDecodeError, match="truncated.png"):
+        read_radiograph(path, LIMIT)
+
+
+def test_pixel_limit_rejects_large_image(tmp_path):
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(path)
+    with pytest.raises(ImageDecodeError, match="featurize.max_pixels"):
+        read_radiograph(path, 5_000)
+
+
+def test_jpeg_named_png_decodes(tmp_path):
+    path = tmp_path / "really-a-jpeg.png"
+    Image.fromarray(_gradient(), "L").save(path, format="JPEG", quality=95)
+    assert read_radiograph(path, LIMIT).shape == (30, 40)
