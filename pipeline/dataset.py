@@ -1,0 +1,70 @@
+"""Training and scoring inputs: cached image features joined with tokenised reports."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    """One split's studies: features (studies, regions, 1024), token_ids int32 (studies, max_length)."""
+
+    study_ids: list[str]
+    features: np.ndarray
+    token_ids: np.ndarray
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.study_ids)
+
+
+def load_split(features_path: Path, targets_path: Path, split: str, feature_kind: str) -> SplitData:
+    """Load the studies of ``split`` that have both features and report text.
+
+    ``feature_kind`` is "pooled" (2 regions, one per view) or "spatial" (98 regions).
+    Studies are returned in study id order.
+    """
+    targets = pd.read_parquet(targets_path)
+    targets = targets.loc[targets["split"] == split]
+    with h5py.File(features_path, "r") as store:
+        stored_ids = [value.decode() if isinstance(value, bytes) else value for value in store["study_id"][:]]
+        row_of = {study_id: row for row, study_id in enumerate(stored_ids)}
+        has_features = targets["study_id"].isin(row_of)
+        missing = int((~has_features).sum())
+        targets = targets.loc[has_features].sort_values("study_id")
+        rows = np.array([row_of[study_id] for study_id in targets["study_id"]], dtype=np.int64)
+        features = _read_rows(store[feature_kind], rows)
+    if missing:
+        logger.warning("%s split: %d studies have text but no features and are left out", split, missing)
+    token_ids = np.stack(targets["token_ids"].to_numpy()).astype(np.int32) if len(targets) else np.zeros((0, 0), np.int32)
+    logger.info("%s split: %d studies with features and text", split, len(targets))
+    return SplitData(targets["study_id"].tolist(), features, token_ids, targets["text"].tolist())
+
+
+def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read rows in any order; h5py needs increasing indices, so read sorted and reorder."""
+    if rows.size == 0:
+        return np.zeros((0, *dataset.shape[1:]), dataset.dtype)
+    order = np.argsort(rows)
+    values = np.empty((rows.size, *dataset.shape[1:]), dataset.dtype)
+    values[order] = dataset[rows[order]]
+    return values
+
+
+def teacher_forcing_dataset(data: SplitData, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """Yield ((features, input tokens), target tokens) batches; targets are inputs shifted by one."""
+    inputs = data.token_ids[:, :-1]
+    targets = data.token_ids[:, 1:]
+    dataset = tf.data.Dataset.from_tensor_slices(((data.features, inputs), targets))
+    if shuffle:
+        dataset = dataset.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
