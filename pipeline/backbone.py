@@ -18,6 +18,8 @@ from pathlib import Path
 
 import keras
 
+from pipeline.errors import PipelineError
+
 logger = logging.getLogger(__name__)
 
 FEATURE_LAYER = "relu"  # the final BN + ReLU of DenseNet-121: (7, 7, 1024) at 224x224 input
@@ -26,7 +28,7 @@ RANDOM_SEED = 0
 RANDOM_WARNING = "RANDOM WEIGHTS: features carry no image information; scores measure the text prior only"
 
 
-class WeightsError(ValueError):
+class WeightsError(PipelineError, ValueError):
     """Raised when a weights file is missing or does not match the expected network."""
 
 

@@ -13,13 +13,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import PipelineError
+
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
 MODEL_NAMES = ("simple",)
 REPORT_SECTIONS = ("findings", "impression", "indication", "comparison")
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """Raised when ``params.yaml`` is missing, unreadable or invalid."""
 
 
@@ -35,6 +37,7 @@ class DownloadParams(_Section):
     images: bool = Field(True, description="also fetch NLMCXR_png.tgz (false: reports only)")
     timeout_s: float = Field(60.0, gt=0, description="seconds without data before a request fails")
     retries: int = Field(5, ge=0, description="attempts after the first one, each resuming the partial file")
+    backoff_s: float = Field(1.0, ge=0, description="seconds before the first retry; the wait doubles after each failure, up to 60 s")
     max_member_bytes: int = Field(64 * 2**20, gt=0, description="largest archive member accepted, in bytes")
     max_total_bytes: int = Field(8 * 2**30, gt=0, description="largest total extracted size accepted, in bytes")
 
@@ -43,6 +46,14 @@ class ExtractParams(_Section):
     """How XML reports become tables."""
 
     min_words: int = Field(1, ge=0, description="reports with fewer words in findings and impression are excluded")
+    projections: str | None = Field(
+        None,
+        description=(
+            "CSV file with columns image_id and view (frontal or lateral) that puts each study's frontal view "
+            "first. The Open-I XML has no view labels, so without this file the two views are the study's first "
+            "two images in natural image-id order"
+        ),
+    )
 
 
 class SplitParams(_Section):

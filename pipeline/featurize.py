@@ -200,7 +200,7 @@ def _standin_images(manifest_path: Path) -> bool:
     if not manifest_path.exists():
         return False
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    return bool(manifest.get("images", {}).get("standin_images", False))
+    return bool(manifest.get("standin_images", False))
 
 
 def _write_attrs(path: Path, params: FeaturizeParams, info: BackboneInfo, standin: bool) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import PipelineError
+
 # ImageNet statistics in RGB order for pixels scaled to [0, 1]. CheXNet was trained on
 # inputs normalised with exactly these values, and so were Keras' ImageNet DenseNet weights.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -18,7 +20,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]"
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(PipelineError, ValueError):
     """Raised when a file cannot be used as a radiograph; the message names the file and why."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from nltk.translate.bleu_score import corpus_bleu
@@ -38,4 +39,10 @@ def corpus_bleu_scores(references: Sequence[list[str]], hypotheses: Sequence[lis
     if not references:
         raise ValueError("cannot score an empty set of reports")
     wrapped = [[reference] for reference in references]
-    return {name: float(corpus_bleu(wrapped, list(hypotheses), weights=weights)) for name, weights in BLEU_WEIGHTS.items()}
+    with warnings.catch_warnings():
+        # NLTK warns whenever an n-gram order has no match; a score of 0 says the same.
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            name: float(corpus_bleu(wrapped, list(hypotheses), weights=weights))
+            for name, weights in BLEU_WEIGHTS.items()
+        }

@@ -20,6 +20,7 @@ from pipeline.backbone import RANDOM_WARNING
 from pipeline.config import Params
 from pipeline.dataset import load_split
 from pipeline.decoding import greedy_decode
+from pipeline.errors import StageInputError
 from pipeline.metrics import corpus_bleu_scores
 from pipeline.tokenizer import Tokenizer
 from pipeline.trainer import load_model
@@ -42,7 +43,7 @@ def run(
     tokenizer = Tokenizer.load(text_dir / "tokenizer.json")
     data = load_split(features_path, text_dir / "targets.parquet", params.score.split, type(model).feature_kind)
     if len(data) == 0:
-        raise ValueError(f"no {params.score.split} studies to score; check the split parameters")
+        raise StageInputError(f"no {params.score.split} studies to score; check the split parameters")
 
     start = time.perf_counter()
     ids = greedy_decode(model, data.features, tokenizer.max_length - 1, params.score.batch_size)

@@ -57,6 +57,6 @@ def report_words(text: str | None) -> list[str]:
 
 
 def join_sections(sections: dict[str, str | None], names: list[str]) -> str:
-    """Join the named report sections in order, skipping missing ones, with sentence breaks."""
-    parts = [sections.get(name) or "" for name in names]
-    return " ".join(part.strip() for part in parts if part and part.strip())
+    """Join the named report sections in order with spaces; missing (None, NaN) and blank ones are skipped."""
+    parts = [sections.get(name) for name in names]
+    return " ".join(part.strip() for part in parts if isinstance(part, str) and part.strip())

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_path, write_text
 from pipeline.config import TokenizeParams
 from pipeline.embeddings import build_embedding_matrix
+from pipeline.errors import StageInputError
 from pipeline.text import join_sections, report_words
 from pipeline.tokenizer import Tokenizer
 
@@ -50,7 +51,7 @@ def run(
     targets = study_texts(pd.read_parquet(reports_path), pd.read_parquet(splits_path), params.sections)
     training_words = [text.split() for text in targets.loc[targets["split"] == "train", "text"]]
     if not training_words:
-        raise ValueError(f"{splits_path}: no training study has report text; check the split and tokenize.sections")
+        raise StageInputError(f"{splits_path}: no training study has report text; check the split and tokenize.sections")
 
     tokenizer = Tokenizer.fit(training_words, params.max_length, params.min_count)
     logger.info("tokenize: vocabulary of %d tokens from %d training reports", tokenizer.vocab_size, len(training_words))

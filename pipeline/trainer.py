@@ -20,6 +20,7 @@ import pandas as pd
 from pipeline.atomic import atomic_path, write_text
 from pipeline.config import Params
 from pipeline.dataset import SplitData, load_split, teacher_forcing_dataset
+from pipeline.errors import StageInputError
 from pipeline.models import MODELS, ReportGenerator, build_model, masked_accuracy, masked_loss
 from pipeline.tokenizer import Tokenizer
 
@@ -58,7 +59,7 @@ def run(
 
 def _require_studies(data: SplitData, split: str, features_path: Path) -> None:
     if len(data) == 0:
-        raise ValueError(
+        raise StageInputError(
             f"no {split} studies have both features ({features_path}) and report text; "
             "check split.val_fraction and that featurize and tokenize ran on the same studies"
         )

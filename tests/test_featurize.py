@@ -41,7 +41,7 @@ def study_tree(tmp_path):
         }
     )
     studies.to_parquet(tmp_path / "studies.parquet")
-    (tmp_path / "manifest.json").write_text(json.dumps({"images": {"standin_images": True}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"standin_images": True}))
     return tmp_path
 
 

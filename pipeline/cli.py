@@ -1,0 +1,190 @@
+"""The ``cxrgen`` command line: one subcommand per DVC stage, plus parameter tools.
+
+Heavy modules (TensorFlow, DVC) are imported inside the commands, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import yaml
+
+# Keep TensorFlow's C++ start-up messages out of stage logs; set before TensorFlow loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pipeline.config import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params, parse_params
+from pipeline.errors import PipelineError
+from pipeline.logs import log_duration, setup_logging
+
+logger = logging.getLogger("cxrgen")
+
+PARAMS_OPTION = click.option(
+    "--params",
+    "params_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_PARAMS_PATH,
+    show_default=True,
+    help="YAML file with the pipeline parameters.",
+)
+
+
+def stage_command(name: str) -> Callable:
+    """Wrap a stage function as a click command that loads params and reports errors plainly."""
+
+    def decorator(function: Callable[[Params], None]) -> click.Command:
+        @click.command(name=name, help=function.__doc__)
+        @PARAMS_OPTION
+        @click.option("--log-level", default="INFO", show_default=True, help="Logging level: DEBUG, INFO, WARNING.")
+        @functools.wraps(function)
+        def command(params_path: Path, log_level: str) -> None:
+            setup_logging(log_level.upper())
+            try:
+                params = load_params(params_path)
+                with log_duration(logger, f"stage {name}"):
+                    function(params)
+            except (PipelineError, FileNotFoundError) as error:
+                raise click.ClickException(f"{name}: {error}") from None
+
+        return command
+
+    return decorator
+
+
+@click.group()
+@click.version_option(package_name="cxrgen")
+def main() -> None:
+    """Learn to write chest X-ray reports from the Open-I collection (run the stages with `dvc repro`)."""
+
+
+@stage_command("download")
+def download(params: Params) -> None:
+    """Fetch the Open-I archives (or use download.mirror) and extract them safely to data/raw."""
+    from pipeline import download as stage
+
+    stage.run(params.download)
+
+
+@stage_command("extract")
+def extract(params: Params) -> None:
+    """Parse the XML reports into Parquet tables and assign train/val/test splits."""
+    from pipeline import extract as stage
+
+    stage.run(params.extract, params.split)
+
+
+@stage_command("featurize")
+def featurize(params: Params) -> None:
+    """Compute DenseNet-121 features of every study's two views into features/chexnet.h5."""
+    from pipeline import featurize as stage
+
+    stage.run(params.featurize)
+
+
+@stage_command("tokenize")
+def tokenize(params: Params) -> None:
+    """Clean report text, fit the tokenizer and build the GloVe embedding matrix."""
+    from pipeline import tokenize as stage
+
+    stage.run(params.tokenize)
+
+
+@stage_command("train")
+def train(params: Params) -> None:
+    """Train the model named by the 'model' parameter on cached features."""
+    from pipeline import trainer as stage
+
+    stage.run(params)
+
+
+@stage_command("score")
+def score(params: Params) -> None:
+    """Generate reports for the held-out split and compute BLEU-1..4 over words."""
+    from pipeline import score as stage
+
+    stage.run(params)
+
+
+for _command in (download, extract, featurize, tokenize, train, score):
+    main.add_command(_command)
+
+
+@main.group("params")
+def params_group() -> None:
+    """Check, show and change params.yaml."""
+
+
+@params_group.command("check")
+@PARAMS_OPTION
+def params_check(params_path: Path) -> None:
+    """Validate the parameters file and exit non-zero with the problems if it is invalid."""
+    try:
+        load_params(params_path)
+    except ParamsError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{params_path}: valid")
+
+
+@params_group.command("show")
+@PARAMS_OPTION
+def params_show(params_path: Path) -> None:
+    """Print every parameter with defaults filled in."""
+    try:
+        params = load_params(params_path)
+    except ParamsError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(yaml.safe_dump(params.model_dump(), sort_keys=False), nl=False)
+
+
+@params_group.command("set")
+@PARAMS_OPTION
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+def params_set(params_path: Path, assignments: tuple[str, ...]) -> None:
+    """Set dotted keys (e.g. featurize.weights=random), keeping comments; rejects unknown keys."""
+    from ruamel.yaml import YAML
+
+    editor = YAML()
+    editor.preserve_quotes = True
+    # Write None as "null", as params.yaml does, instead of ruamel's empty value.
+    editor.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    document = editor.load(params_path.read_text(encoding="utf-8")) if params_path.exists() else {}
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"{assignment!r}: expected KEY=VALUE", param_hint="assignments")
+        _set_dotted(document, key.split("."), yaml.safe_load(value) if value else None)
+    try:
+        parse_params(yaml.safe_load(_dump(editor, document)) or {}, source=str(params_path))
+    except ParamsError as error:
+        raise click.ClickException(f"{error}\n{params_path} was not changed") from None
+
+    from pipeline.atomic import write_text
+
+    write_text(params_path, _dump(editor, document))
+    click.echo(f"{params_path}: set {', '.join(assignments)}")
+
+
+def _set_dotted(document, keys: list[str], value) -> None:
+    node = document
+    for key in keys[:-1]:
+        if key not in node or node[key] is None:
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def _dump(editor, document) -> str:
+    buffer = io.StringIO()
+    editor.dump(document, buffer)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    main()
