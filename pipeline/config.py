@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections"
-MODEL_NAMES = ("simple",)
+MODEL_NAMES = ("simple", "attention", "spatial", "bigru", "transformer")
 REPORT_SECTIONS = ("findings", "impression", "indication", "comparison")
 
 
@@ -103,15 +103,60 @@ class SimpleModelParams(_Section):
     train_embedding: bool = False
 
 
+class AttentionModelParams(_Section):
+    """Bahdanau (additive) attention over feature regions, read by a GRU decoder."""
+
+    units: int = Field(256, ge=1, description="GRU state size, also the size regions are projected to")
+    attention_units: int = Field(256, ge=1, description="width of the additive attention's hidden layer")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    train_embedding: bool = False
+
+
+class BiGRUModelParams(_Section):
+    """A bidirectional GRU over the 98 spatial regions; a forward-only GRU writes the report."""
+
+    units: int = Field(256, ge=2, description="decoder GRU state size; each encoder direction has units // 2")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    train_embedding: bool = False
+
+
+class TransformerModelParams(_Section):
+    """A small pre-norm transformer decoder with cross-attention over the 98 spatial regions."""
+
+    units: int = Field(256, ge=8, description="model width (d_model); must be divisible by heads")
+    heads: int = Field(4, ge=1)
+    layers: int = Field(2, ge=1, description="decoder blocks")
+    feed_forward_units: int = Field(512, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(
+        64, ge=4, description="maximum decoded tokens, the size of the decoding token buffer; at least tokenize.max_length"
+    )
+    train_embedding: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TransformerModelParams:
+        if self.units % self.heads:
+            raise ValueError(f"units ({self.units}) must be divisible by heads ({self.heads})")
+        return self
+
+
 class TrainParams(_Section):
     """Optimisation settings shared by every model, plus one section per model."""
 
-    seed: int = 42
+    seed: int = Field(42, description="seeds weights, dropout and the order of training studies")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     patience: int = Field(4, ge=0, description="epochs without validation improvement before stopping")
+    strategy: Literal["default", "mirrored"] = Field(
+        "default", description="tf.distribute strategy: default (one device) or mirrored (every local GPU)"
+    )
+    resume: bool = Field(True, description="continue an interrupted run from models/checkpoints when its settings match")
     simple: SimpleModelParams = Field(default_factory=SimpleModelParams)
+    attention: AttentionModelParams = Field(default_factory=AttentionModelParams)
+    spatial: AttentionModelParams = Field(default_factory=AttentionModelParams)
+    bigru: BiGRUModelParams = Field(default_factory=BiGRUModelParams)
+    transformer: TransformerModelParams = Field(default_factory=TransformerModelParams)
 
 
 class ScoreParams(_Section):
@@ -139,6 +184,15 @@ class Params(_Section):
         if value not in MODEL_NAMES:
             raise ValueError(f"unknown model {value!r}; valid models: {', '.join(MODEL_NAMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _decode_length_fits(self) -> Params:
+        if self.model == "transformer" and self.train.transformer.max_length < self.tokenize.max_length:
+            raise ValueError(
+                f"train.transformer.max_length ({self.train.transformer.max_length}) must be at least "
+                f"tokenize.max_length ({self.tokenize.max_length}); raise it or lower tokenize.max_length"
+            )
+        return self
 
 
 def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:

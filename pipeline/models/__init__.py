@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from pipeline.config import TrainParams
-from pipeline.models.base import ReportGenerator, masked_accuracy, masked_loss
+from pipeline.config import MODEL_NAMES, TrainParams
+from pipeline.models.attention import AttentionGRU, SpatialAttentionGRU
+from pipeline.models.base import AttentionReportGenerator, ReportGenerator, masked_accuracy, masked_loss
+from pipeline.models.bigru import BiGRUGenerator
 from pipeline.models.simple import SimpleLSTM
+from pipeline.models.transformer import TransformerGenerator
 
-MODELS: dict[str, type[ReportGenerator]] = {"simple": SimpleLSTM}
+MODELS: dict[str, type[ReportGenerator]] = {
+    "simple": SimpleLSTM,
+    "attention": AttentionGRU,
+    "spatial": SpatialAttentionGRU,
+    "bigru": BiGRUGenerator,
+    "transformer": TransformerGenerator,
+}
+assert tuple(MODELS) == MODEL_NAMES, "pipeline.config.MODEL_NAMES and MODELS must list the same models"
 
-__all__ = ["MODELS", "ReportGenerator", "build_model", "masked_accuracy", "masked_loss"]
+__all__ = [
+    "MODELS",
+    "AttentionReportGenerator",
+    "ReportGenerator",
+    "build_model",
+    "masked_accuracy",
+    "masked_loss",
+]
 
 
 def build_model(name: str, train: TrainParams, vocab_size: int, embedding_dim: int) -> ReportGenerator:

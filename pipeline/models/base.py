@@ -9,7 +9,13 @@ A generator maps cached image features and the report so far to next-word logits
 * ``decode_step(tokens, state)``: tokens int32 (batch,) to logits (batch, vocab) and the
   next state, with the same structure and shapes as the input state.
 
-Because every state tensor is batch-first, beam search can reorder beams with ``tf.gather``.
+Because every state tensor is batch-first and keeps its shape from step to step, beam
+search can reorder beams with ``tf.gather`` inside a ``tf.while_loop``. The state includes
+the encoder memory, so ``decode_step`` needs nothing else.
+
+Attention models (``AttentionReportGenerator``) also implement
+``decode_step_with_attention(tokens, state)``, which returns the attention weights over
+feature regions as a third value: float32 (batch, regions), each row summing to 1.
 """
 
 from __future__ import annotations
@@ -40,6 +46,21 @@ class ReportGenerator(keras.Model):
         if tuple(embedding.embeddings.shape) != matrix.shape:
             raise ValueError(f"embedding matrix {matrix.shape} does not match the layer {tuple(embedding.embeddings.shape)}")
         embedding.embeddings.assign(matrix.astype(np.float32))
+
+
+class AttentionReportGenerator(ReportGenerator):
+    """A generator whose decoder attends over feature regions at every step."""
+
+    def decode_step_with_attention(
+        self, tokens: tf.Tensor, state: tuple[tf.Tensor, ...]
+    ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...], tf.Tensor]:
+        """One step: tokens (batch,) to logits (batch, vocab), the next state and the
+        attention weights float32 (batch, regions) that sum to 1 over regions."""
+        raise NotImplementedError
+
+    def decode_step(self, tokens: tf.Tensor, state: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+        logits, state, _ = self.decode_step_with_attention(tokens, state)
+        return logits, state
 
 
 @keras.saving.register_keras_serializable(package="cxrgen")
