@@ -68,3 +68,31 @@ def teacher_forcing_dataset(data: SplitData, batch_size: int, shuffle: bool, see
     if shuffle:
         dataset = dataset.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+class TrainingBatches:
+    """Teacher-forcing batches in a shuffled order that depends only on (seed, epoch).
+
+    An epoch's order does not depend on earlier epochs, so a run resumed at epoch k sees
+    the same batches as an uninterrupted run. The split is copied into TensorFlow once and
+    each batch is gathered from it by index.
+    """
+
+    def __init__(self, data: SplitData, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = len(data), batch_size, seed
+        self.features = tf.constant(data.features)
+        self.inputs = tf.constant(data.token_ids[:, :-1])
+        self.targets = tf.constant(data.token_ids[:, 1:])
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Study indices int64 (studies,) for 0-based ``epoch``."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def epoch(self, epoch: int) -> tf.data.Dataset:
+        """Yield ((features, input tokens), target tokens) batches for 0-based ``epoch``."""
+
+        def gather(indices):
+            return (tf.gather(self.features, indices), tf.gather(self.inputs, indices)), tf.gather(self.targets, indices)
+
+        indices = tf.data.Dataset.from_tensor_slices(self.order(epoch)).batch(self.batch_size)
+        return indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

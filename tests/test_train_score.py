@@ -2,77 +2,26 @@
 
 import json
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import make_workspace, tokenized
 
-from pipeline import score, tokenize, trainer
-from pipeline.config import parse_params
-
-REPORTS = {
-    0: ("No pneumothorax. Heart size is normal.", "No acute disease."),
-    1: ("Mild cardiomegaly. Small left pleural effusion.", "Cardiomegaly with effusion."),
-}
+from pipeline import score, trainer
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("workspace")
-    rng = np.random.default_rng(0)
-    studies = 40
-    kinds = np.arange(studies) % 2
-    reports = pd.DataFrame(
-        {
-            "report_id": np.arange(studies),
-            "findings": [REPORTS[k][0] for k in kinds],
-            "impression": [REPORTS[k][1] for k in kinds],
-            "indication": None,
-            "comparison": None,
-        }
-    )
-    splits = pd.DataFrame(
-        {
-            "study_id": [f"CXR{i}_IM-{i:04d}" for i in range(studies)],
-            "report_id": np.arange(studies),
-            "split": ["train"] * 28 + ["val"] * 6 + ["test"] * 6,
-        }
-    )
-    (root / "interim").mkdir()
-    reports.to_parquet(root / "interim" / "reports.parquet")
-    splits.to_parquet(root / "interim" / "splits.parquet")
-    _write_features(root / "chexnet.h5", splits["study_id"].tolist(), kinds, rng)
+    make_workspace(root)
     return root
-
-
-def _write_features(path, study_ids, kinds, rng):
-    pooled = rng.normal(0, 0.01, (len(study_ids), 2, 1024)).astype(np.float16)
-    pooled[:, :, :16] += (kinds[:, None, None] * 2 - 1).astype(np.float16)
-    with h5py.File(path, "w") as store:
-        store["study_id"] = np.array(study_ids, dtype=object).astype("S")
-        store["pooled"] = pooled
-        store["spatial"] = np.repeat(pooled, 49, axis=1)
-        store.attrs.update({"weights": "random", "weights_sha256": "", "random_weights": True, "standin_images": False})
-
-
-def _params(root):
-    glove = root / "glove.txt"
-    words = "no pneumothorax heart size is normal . acute disease mild cardiomegaly small left pleural effusion with"
-    glove.write_text("".join(f"{w} {' '.join(str((i + j) % 7 / 7) for j in range(8))}\n" for i, w in enumerate(words.split())))
-    return parse_params(
-        {
-            "tokenize": {"glove": str(glove), "max_length": 24, "min_count": 1},
-            "train": {"epochs": 40, "batch_size": 8, "learning_rate": 0.01, "patience": 40, "simple": {"units": 32, "dropout": 0.0}},
-        }
-    )
 
 
 @pytest.fixture(scope="module")
 def trained(workspace):
-    params = _params(workspace)
-    text_dir = workspace / "text"
-    tokenize.run(params.tokenize, workspace / "interim" / "reports.parquet", workspace / "interim" / "splits.parquet", text_dir)
-    trainer.run(params, workspace / "chexnet.h5", text_dir, workspace / "models", workspace / "metrics", workspace / "plots")
+    train = {"epochs": 40, "batch_size": 8, "learning_rate": 0.01, "patience": 40, "simple": {"units": 32, "dropout": 0.0}}
+    params = tokenized(workspace, train)
+    trainer.run(params, workspace / "chexnet.h5", workspace / "text", workspace / "models", workspace / "metrics", workspace / "plots")
     return params
 
 
