@@ -22,6 +22,15 @@ from conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 STUDIES_IN_MIRROR = 20
+MODEL_NAMES = ("simple", "attention", "spatial", "bigru", "transformer")
+# Small sizes keep each experiment to seconds; the models' own tests cover their behaviour.
+TINY_MODELS = [
+    "train.attention.units=16", "train.attention.attention_units=8",
+    "train.spatial.units=16", "train.spatial.attention_units=8",
+    "train.bigru.units=16",
+    "train.transformer.units=16", "train.transformer.heads=2", "train.transformer.layers=1",
+    "train.transformer.feed_forward_units=32",
+]
 
 
 def _command(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -61,7 +70,7 @@ def project(tmp_path_factory, shared_data) -> Path:
     _command([str(shared_data.parent / "tools" / "make-openi-mirror"), str(mirror), "--studies", str(STUDIES_IN_MIRROR)], root)
     _command(
         [sys.executable, "-m", "pipeline.cli", "params", "set", f"download.mirror={mirror}",
-         "featurize.weights=random", "train.epochs=3", "train.simple.units=32"],
+         "featurize.weights=random", "train.epochs=3", "train.simple.units=32", *TINY_MODELS],
         project,
     )
     _command(["dvc", "repro"], project)
@@ -117,11 +126,23 @@ def test_scores_and_predictions(project):
     assert len(predictions) == scores["studies"] > 0
     assert list(predictions.columns) == ["study_id", "reference", "prediction"]
     assert (project / "models/model.keras").is_file()
+    state = json.loads((project / "models/checkpoints/state.json").read_text())
+    assert state["complete"] is True
+    assert state["epochs_done"] == 3
+    curve = pd.read_csv(project / "plots/learning_curve.csv")
+    assert curve["epoch"].tolist() == [1, 2, 3]
 
 
 def test_repro_again_is_up_to_date(project):
     status = _command(["dvc", "status"], project)
     assert "up to date" in status.stdout
+
+
+def test_plots_show_learning_curve(project):
+    shown = json.loads(_command(["dvc", "plots", "show", "--json"], project).stdout)
+    assert not shown.get("errors")
+    curve = shown["data"]["dvc.yaml::plots/learning_curve.csv"][0]
+    assert len(curve["content"]["data"]["values"]) >= 3
 
 
 def test_experiment_run_with_model_param(project):
@@ -130,6 +151,32 @@ def test_experiment_run_with_model_param(project):
     assert any(
         experiment.get("experiments") for experiment in shown
     ), "dvc exp show lists no experiment after dvc exp run"
+
+
+def _experiments(shown: list[dict]) -> list[dict]:
+    """The ``data`` entries of every experiment in ``dvc exp show --json`` output."""
+    found = []
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            found.extend(rev["data"] for rev in experiment.get("revs", []) if rev.get("data"))
+    return found
+
+
+def test_every_model_trains_and_scores_as_experiment(project):
+    for name in MODEL_NAMES[1:]:
+        _command(["dvc", "exp", "run", "-S", f"model={name}", "-S", "train.epochs=1"], project)
+        scores = json.loads((project / "metrics/scores.json").read_text())
+        assert scores["model"] == name
+    shown = json.loads(_command(["dvc", "exp", "show", "--json"], project).stdout)
+
+    scored = {}
+    for data in _experiments(shown):
+        model = data["params"]["params.yaml"]["data"]["model"]
+        scored[model] = data["metrics"]["metrics/scores.json"]["data"]["greedy"]
+    assert set(scored) == set(MODEL_NAMES), f"dvc exp show lists scores for {sorted(scored)}"
+    for name, bleu in scored.items():
+        assert set(bleu) == {"bleu1", "bleu2", "bleu3", "bleu4"}, name
+        assert 0.0 <= bleu["bleu1"] <= 1.0, name
 
 
 @pytest.fixture
@@ -150,4 +197,4 @@ def test_appended_unknown_key_stops_experiment(project, restore_params):
 def test_unknown_model_stops_experiment(project, restore_params):
     result = _command(["dvc", "exp", "run", "-S", "model=simpel"], project, check=False)
     assert result.returncode != 0
-    assert "valid models: simple" in result.stdout + result.stderr
+    assert "valid models: simple, attention, spatial, bigru, transformer" in result.stdout + result.stderr
