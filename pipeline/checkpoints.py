@@ -124,7 +124,7 @@ class CheckpointStore:
 
 
 def _random_state_variables(model: keras.Model) -> list:
-    """The dropout layers' random-generator states: variables of the model that are not weights.
+    """Return the dropout layers' random-generator states, the model variables that are not weights.
 
     ``save_weights`` leaves them out, but a resumed run needs them to draw the same dropout
     masks as an uninterrupted one.

@@ -73,8 +73,8 @@ def teacher_forcing_dataset(data: SplitData, batch_size: int, shuffle: bool, see
 class TrainingBatches:
     """Teacher-forcing batches in a shuffled order that depends only on (seed, epoch).
 
-    An epoch's order does not depend on earlier epochs, so a run resumed at epoch k sees
-    the same batches as an uninterrupted run. The split is copied into TensorFlow once and
+    An epoch's order does not depend on earlier epochs, so a run resumed at epoch k trains
+    on the same batches as an uninterrupted run. The split is copied into TensorFlow once and
     each batch is gathered from it by index.
     """
 

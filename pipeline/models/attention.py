@@ -1,8 +1,7 @@
 """The ``attention`` and ``spatial`` models: Bahdanau attention read by a GRU decoder.
 
-Both models project every feature region to ``units`` and, at each step, score the regions
-against the previous decoder state with additive attention (Bahdanau et al., 2015,
-"Neural Machine Translation by Jointly Learning to Align and Translate"). ``attention``
+Both models project every feature region to ``units``. At each step they score the regions
+against the previous decoder state with additive (Bahdanau) attention. ``attention``
 attends over the two views' pooled vectors (2 regions). ``spatial`` attends over the
 98 regions of the 7x7 DenseNet grids of both views: regions 0-48 are view 0 in row-major
 order, regions 49-97 are view 1.
@@ -55,11 +54,11 @@ class AdditiveAttention(keras.layers.Layer):
 class AttentionGRU(AttentionReportGenerator):
     """Bahdanau attention over pooled features (2 regions, one per view) with a GRU decoder.
 
-    ``encode``: features (batch, regions, 1024) pass a ReLU dense layer to the memory
-    (batch, regions, units); the initial GRU state is a tanh dense layer of the mean region.
-    Each step computes the context from the previous GRU state, feeds the previous word's
-    embedding together with the context to the GRU, and predicts the next word from the new
-    GRU state and the context. The state is (memory, keys, hidden).
+    ``encode`` passes features (batch, regions, 1024) through a ReLU dense layer to the
+    memory (batch, regions, units). The initial GRU state is a tanh dense layer of the mean
+    region. Each step computes the context from the previous GRU state and feeds the previous
+    word's embedding with the context to the GRU. The next word is predicted from the new GRU
+    state and the context. The decoding state is (memory, keys, hidden).
     """
 
     feature_kind = "pooled"

@@ -54,7 +54,7 @@ class AttentionReportGenerator(ReportGenerator):
     def decode_step_with_attention(
         self, tokens: tf.Tensor, state: tuple[tf.Tensor, ...]
     ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...], tf.Tensor]:
-        """One step: tokens (batch,) to logits (batch, vocab), the next state and the
+        """Decode one step: tokens (batch,) to logits (batch, vocab), the next state and the
         attention weights float32 (batch, regions) that sum to 1 over regions."""
         raise NotImplementedError
 

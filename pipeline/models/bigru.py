@@ -1,11 +1,10 @@
 """The ``bigru`` model: a bidirectional GRU reads the image regions, a forward GRU writes.
 
-The reference design this model comes from ran its bidirectional GRU over the decoder's
-input words, so the backward direction at position t had read words t+1 onwards: in
-training the model saw the words it was asked to predict, and at generation time, when
-those words do not exist yet, it failed. Here the bidirectional GRU runs over the image
-regions, which are all known before decoding starts, and the words pass only through a
-forward GRU.
+A bidirectional GRU over the decoder's input words would let its backward direction at
+position t read words t+1 onwards. The model would then see in training the words it must
+predict, which do not exist yet at generation time. So here the bidirectional GRU runs over
+the image regions, which are all known before decoding starts, and the words pass only
+through a forward GRU.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ class BiGRUGenerator(ReportGenerator):
         return self.vocabulary_logits(self.output_dropout(sequence, training=training))
 
     def decode_step(self, tokens: tf.Tensor, state: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tuple]:
-        """One step: tokens (batch,) and (summary, hidden) to logits (batch, vocab) and the next state."""
+        """Decode one step: tokens (batch,) and (summary, hidden) to logits (batch, vocab) and the next state."""
         summary, hidden = state
         output, hidden = self.decoder(self._decoder_inputs(tokens[:, None], summary, False), initial_state=hidden)
         return self.vocabulary_logits(output[:, 0]), (summary, hidden)

@@ -2,7 +2,7 @@
 
 Each block applies causal self-attention over the words, cross-attention from the words to
 the image regions, and a feed-forward layer, each with a residual connection and layer
-normalisation before it (pre-norm, as in GPT-2).
+normalisation before it (pre-norm).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class TransformerGenerator(AttentionReportGenerator):
 
     The decoding state is (memory (batch, 98, units), token buffer int32 (batch, max_length),
     step int32 (batch,)). Each ``decode_step`` writes the new token at the row's step into the
-    buffer and reruns the decoder over the whole buffer; the causal mask keeps the later,
-    still empty slots from affecting the output. This costs O(max_length) per step, with no
-    key-value cache.
+    buffer and reruns the decoder over the whole buffer. The causal mask keeps the later,
+    still empty slots from affecting the output. With no key-value cache, each step costs a
+    decoder pass over max_length positions.
     """
 
     feature_kind = "spatial"
