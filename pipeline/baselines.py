@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 def most_frequent_reports(train_texts: Sequence[str], count: int) -> list[tuple[str, int]]:
-    """The ``count`` most frequent training reports with their counts; ties keep first-seen order."""
+    """Count identical training reports and return the ``count`` most frequent with their counts.
+
+    Ties keep first-seen order.
+    """
     return Counter(train_texts).most_common(count)
 
 
@@ -40,7 +43,6 @@ def choose_constant_report(train_texts: Sequence[str], val_texts: Sequence[str],
         logger.debug("constant baseline candidate (%d training studies): val BLEU-4 %.4f", count, bleu4)
         if bleu4 > best_bleu4:
             best_text, best_bleu4 = text, bleu4
-    logger.info("constant baseline: val BLEU-4 %.4f for %r", best_bleu4, best_text)
     return best_text, best_bleu4
 
 

@@ -83,7 +83,7 @@ def beam_search_decode(
 
 
 def _batch_spec(features: np.ndarray) -> tf.TensorSpec:
-    """A signature for batches of ``features`` of any size, so that the decoder is traced once."""
+    """Build a signature for batches of ``features`` of any size, so that the decoder is traced once."""
     return tf.TensorSpec([None, *features.shape[1:]], tf.as_dtype(features.dtype))
 
 
@@ -184,7 +184,7 @@ def _compiled_beam_search(model: ReportGenerator, max_steps: int, beam_width: in
 
 
 def _initial_beams(batch: tf.Tensor, settings: _BeamSettings) -> dict[str, tf.Tensor]:
-    """Beam tensors (studies, beams, ...); only beam 0 is live at first, so beams do not repeat."""
+    """Create the beam tensors (studies, beams, ...). Only beam 0 is live at first, so beams do not repeat."""
     width = settings.width
     first = tf.concat([tf.zeros([1]), tf.fill([width - 1], NEVER)], axis=0)
     return {
@@ -233,7 +233,7 @@ def _advance_beams(beams: dict, logits: tf.Tensor, step: tf.Tensor, settings: _B
 
 
 def _studies_done(beams: dict, settings: _BeamSettings) -> tf.Tensor:
-    """Bool (studies,): no unfinished beam can still beat the study's best finished beam.
+    """Flag, as bool (studies,), the studies where no unfinished beam can beat the best finished one.
 
     Log-probabilities only fall as a beam grows, and the length penalty is at most its
     value at ``max_steps``, so ``score / penalty(max_steps)`` bounds an unfinished beam's
@@ -248,7 +248,7 @@ def _studies_done(beams: dict, settings: _BeamSettings) -> tf.Tensor:
 
 
 def _best_beams(beams: dict, settings: _BeamSettings) -> tuple[tf.Tensor, tf.Tensor]:
-    """Each study's best finished beam by normalised score, or its best beam if none finished.
+    """Select each study's best finished beam by normalised score, or its best beam if none finished.
 
     Returns word ids int32 (studies, max_steps) and summed log-probabilities (studies,).
     """

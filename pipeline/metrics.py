@@ -38,6 +38,9 @@ BLEU_WEIGHTS = {
     "bleu4": (0.25, 0.25, 0.25, 0.25),
 }
 TEXT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+# The five CheXpert competition observations; micro F1 over them ignores "No Finding", which a
+# constant normal report gets right for most IU X-ray studies.
+FIVE_OBSERVATIONS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
 class MetricsError(PipelineError, RuntimeError):
@@ -167,7 +170,8 @@ def clinical_scores(reference_labels: np.ndarray, predicted_labels: np.ndarray) 
     """CheXpert precision, recall and F1 of predicted reports against their references.
 
     Both arrays are float (reports, 14) labels in ``OBSERVATIONS`` order; only 1 counts as
-    present. Returns micro scores (counts summed over observations), macro scores (the mean
+    present. Returns micro scores (counts summed over observations), the micro F1 over the
+    five ``FIVE_OBSERVATIONS``, macro scores (the mean
     over the observations present in at least one reference, so that every system on the
     same studies is averaged over the same observations; false positives of the other
     observations count in the micro scores only) and ``per_observation`` {name: {precision,
@@ -188,11 +192,14 @@ def clinical_scores(reference_labels: np.ndarray, predicted_labels: np.ndarray) 
         precision, recall, f1 = precision_recall_f1(true_positives[index], false_positives[index], false_negatives[index])
         per_observation[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual[:, index].sum())}
     micro = precision_recall_f1(true_positives.sum(), false_positives.sum(), false_negatives.sum())
+    five = [OBSERVATIONS.index(name) for name in FIVE_OBSERVATIONS]
+    micro_five = precision_recall_f1(true_positives[five].sum(), false_positives[five].sum(), false_negatives[five].sum())
     observed = [per_observation[name] for index, name in enumerate(OBSERVATIONS) if actual[:, index].any()]
     return {
         "precision_micro": micro[0],
         "recall_micro": micro[1],
         "f1_micro": micro[2],
+        "f1_micro_5": micro_five[2],
         "precision_macro": _mean([value["precision"] for value in observed]),
         "recall_macro": _mean([value["recall"] for value in observed]),
         "f1_macro": _mean([value["f1"] for value in observed]),

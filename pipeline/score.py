@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 STANDIN_WARNING = "STAND-IN IMAGES: pixels do not show the reported studies; scores measure the text prior only"
 # The metrics on which the beam-search report is compared with the best baseline.
-COMPARED_METRICS = ("bleu4", "meteor", "rouge_l", "cider", "chexpert_f1_micro", "chexpert_f1_macro")
+COMPARED_METRICS = (
+    "bleu4", "meteor", "rouge_l", "cider", "chexpert_f1_micro", "chexpert_f1_micro_5", "chexpert_f1_macro",
+)
 
 
 @dataclass
@@ -123,6 +125,7 @@ def _baseline_systems(params: Params, features_path, text_dir, data: SplitData, 
     val_texts = targets.loc[targets["split"] == "val", "text"].tolist()
     train_texts = targets.loc[targets["split"] == "train", "text"].tolist()
     constant, val_bleu4 = baselines.choose_constant_report(train_texts, val_texts, params.score.constant_candidates)
+    logger.info("score: constant baseline report (val BLEU-4 %.4f): %s", val_bleu4, constant)
 
     train = load_split(features_path, text_dir / "targets.parquet", "train", "pooled")
     query = data.features if type(model).feature_kind == "pooled" else _pooled(features_path, text_dir, params)
@@ -148,6 +151,7 @@ def _score_system(system: System, scorer: CaptionScorer, references, reference_l
         "chexpert_precision_micro": system.clinical["precision_micro"],
         "chexpert_recall_micro": system.clinical["recall_micro"],
         "chexpert_f1_micro": system.clinical["f1_micro"],
+        "chexpert_f1_micro_5": system.clinical["f1_micro_5"],
         "chexpert_f1_macro": system.clinical["f1_macro"],
     }
     system.scores = {name: round(float(value), 6) for name, value in system.scores.items()}
@@ -172,7 +176,6 @@ def _summary(params: Params, model_dir: Path, data: SplitData, systems: list[Sys
         "beats_baselines": beats,
         "beam_minus_best_baseline": margins,
         **by_name,
-        "constant_report": next(system.reports[0] for system in systems if system.name == "baseline_constant"),
         "weights": features.get("weights", "unknown"),
         "weights_sha256": features.get("weights_sha256", ""),
         "random_weights": bool(features.get("random_weights", False)),
@@ -196,7 +199,7 @@ def _warnings(params: Params, features: dict, margins: dict) -> list[str]:
 
 
 def _write_predictions(path: Path, data: SplitData, reference_labels: np.ndarray, systems: list[System]) -> None:
-    """One row per study: reports, log-probabilities and CheXpert labels (null: not mentioned)."""
+    """Write one row per study: reports, log-probabilities and CheXpert labels (null: not mentioned)."""
     columns = {"study_id": pa.array(data.study_ids, pa.string()), "reference": pa.array(data.texts, pa.string())}
     for system in systems:
         columns[system.name] = pa.array(system.reports, pa.string())
@@ -225,7 +228,7 @@ def _write_f1_plot(path: Path, systems: list[System], reference_labels: np.ndarr
 
 def _log_summary(scores: dict) -> None:
     for name in ("greedy", "beam", "baseline_constant", "baseline_nearest"):
-        shown = {metric: scores[name][metric] for metric in ("bleu4", "meteor", "rouge_l", "cider", "chexpert_f1_micro")}
-        logger.info("score: %s %s", name, shown)
+        headline = {metric: scores[name][metric] for metric in COMPARED_METRICS}
+        logger.info("score: %s %s", name, headline)
     for warning in scores["warnings"]:
         logger.warning("score: %s", warning)

@@ -113,9 +113,20 @@ def test_clinical_scores_counts_only_positive():
     # Micro: TP 2 (cardiomegaly, edema), FP 1 (edema), FN 1 (cardiomegaly).
     assert scores["precision_micro"] == pytest.approx(2 / 3)
     assert scores["recall_micro"] == pytest.approx(2 / 3)
+    # Cardiomegaly and Edema are both among the five competition observations.
+    assert scores["f1_micro_5"] == pytest.approx(2 / 3)
     # Macro: the two observations present in some reference.
     assert scores["observations_in_macro"] == 2
     assert scores["f1_macro"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_clinical_scores_five_ignore_no_finding():
+    reference = labels({"No Finding": 1}, {"Cardiomegaly": 1})
+    predicted = labels({"No Finding": 1}, {"No Finding": 1})
+    scores = clinical_scores(reference, predicted)
+    # No Finding: one true positive, one false positive; Cardiomegaly: one false negative.
+    assert scores["f1_micro"] == pytest.approx(0.5)
+    assert scores["f1_micro_5"] == 0.0
 
 
 def test_clinical_scores_rejects_wrong_shape():
