@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.errors import StageInputError
 from pipeline.metrics import coco_bleu_scores
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,10 @@ def choose_constant_report(train_texts: Sequence[str], val_texts: Sequence[str],
     frequent report wins.
     """
     if not train_texts or not val_texts:
-        raise ValueError("the constant-report baseline needs training and validation reports")
+        raise StageInputError(
+            f"the constant-report baseline needs training and validation reports, got {len(train_texts)} "
+            f"and {len(val_texts)}; check split.val_fraction"
+        )
     references = [text.split() for text in val_texts]
     best_text, best_bleu4 = "", -1.0
     for text, count in most_frequent_reports(train_texts, candidates):
@@ -57,7 +61,7 @@ def nearest_neighbour_reports(
     if len(train_features) != len(train_texts):
         raise ValueError(f"{len(train_features)} training feature rows but {len(train_texts)} training reports")
     if len(train_features) == 0:
-        raise ValueError("the nearest-neighbour baseline needs at least one training study")
+        raise StageInputError("the nearest-neighbour baseline needs at least one training study with features")
     train = _unit_rows(train_features)
     nearest = []
     for start in range(0, len(query_features), chunk):

@@ -111,6 +111,12 @@ def test_score_recovers_reports(scored):
     assert (predictions["reference"] == predictions["beam"]).all()
 
 
+def test_score_references_are_full_texts(workspace, scored):
+    _, predictions = scored
+    targets = pd.read_parquet(workspace / "text" / "targets.parquet").set_index("study_id")
+    assert predictions["reference"].tolist() == targets.loc[predictions["study_id"], "text"].tolist()
+
+
 def test_score_summary_keys(scored):
     scores, _ = scored
     metrics = {"bleu1", "bleu2", "bleu3", "bleu4", "bleu4_nltk", "meteor", "rouge_l", "cider",
