@@ -104,7 +104,7 @@ def train(params: Params) -> None:
 
 @stage_command("score")
 def score(params: Params) -> None:
-    """Generate reports for the held-out split and compute BLEU-1..4 over words."""
+    """Generate reports for the held-out split (greedy and beam search) and score them next to two baselines."""
     from pipeline import score as stage
 
     stage.run(params)

@@ -163,7 +163,19 @@ class ScoreParams(_Section):
     """How reports are generated and scored."""
 
     split: Literal["val", "test"] = "test"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="studies decoded together in one compiled call")
+    beam_width: int = Field(3, ge=1, description="beams per study in beam search; 1 gives the greedy report")
+    length_penalty: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "GNMT length normalisation alpha: beams are ranked by summed log-probability / ((5 + words) / 6) ** alpha; "
+            "0 ranks by the summed log-probability, larger values favour longer reports"
+        ),
+    )
+    constant_candidates: int = Field(
+        20, ge=1, description="most frequent training reports tried for the constant-report baseline (best val BLEU-4 wins)"
+    )
 
 
 class Params(_Section):

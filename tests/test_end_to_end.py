@@ -119,12 +119,20 @@ def test_text_artifacts(project):
 def test_scores_and_predictions(project):
     scores = json.loads((project / "metrics/scores.json").read_text())
     predictions = pd.read_parquet(project / "metrics/predictions.parquet")
-    assert set(scores["greedy"]) == {"bleu1", "bleu2", "bleu3", "bleu4"}
+    systems = ("greedy", "beam", "baseline_constant", "baseline_nearest")
+    for system in systems:
+        assert {"bleu1", "bleu4", "meteor", "rouge_l", "cider", "chexpert_f1_micro", "distinct_reports"} <= set(scores[system])
+    assert scores["beam"]["ms_per_report"] > 0
+    assert isinstance(scores["beats_baselines"], bool)
+    assert "bleu4" in scores["beam_minus_best_baseline"]
     assert scores["random_weights"] is True
     assert scores["standin_images"] is True
-    assert len(scores["warnings"]) == 2
+    assert len(scores["warnings"]) >= 2
     assert len(predictions) == scores["studies"] > 0
-    assert list(predictions.columns) == ["study_id", "reference", "prediction"]
+    assert {"study_id", "reference", *systems, "labels_reference", "labels_beam"} <= set(predictions.columns)
+    plot = pd.read_csv(project / "plots/chexpert_f1.csv")
+    assert len(plot) == 14
+    assert (project / "metrics/chexpert.json").is_file()
     assert (project / "models/model.keras").is_file()
     state = json.loads((project / "models/checkpoints/state.json").read_text())
     assert state["complete"] is True
@@ -151,6 +159,9 @@ def test_experiment_run_with_model_param(project):
     assert any(
         experiment.get("experiments") for experiment in shown
     ), "dvc exp show lists no experiment after dvc exp run"
+    table = _command(["dvc", "exp", "show", "--csv", "--no-pager"], project).stdout
+    assert "beats_baselines" in table
+    assert "baseline_constant.bleu4" in table
 
 
 def _experiments(shown: list[dict]) -> list[dict]:
