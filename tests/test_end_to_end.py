@@ -183,11 +183,13 @@ def test_every_model_trains_and_scores_as_experiment(project):
     scored = {}
     for data in _experiments(shown):
         model = data["params"]["params.yaml"]["data"]["model"]
-        scored[model] = data["metrics"]["metrics/scores.json"]["data"]["greedy"]
+        scored[model] = data["metrics"]["metrics/scores.json"]["data"]
     assert set(scored) == set(MODEL_NAMES), f"dvc exp show lists scores for {sorted(scored)}"
-    for name, bleu in scored.items():
-        assert set(bleu) == {"bleu1", "bleu2", "bleu3", "bleu4"}, name
-        assert 0.0 <= bleu["bleu1"] <= 1.0, name
+    for name, scores in scored.items():
+        for system in ("greedy", "beam"):
+            assert {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "chexpert_f1_micro"} <= set(scores[system]), name
+            assert 0.0 <= scores[system]["bleu1"] <= 1.0, name
+        assert "beats_baselines" in scores, name
 
 
 @pytest.fixture
