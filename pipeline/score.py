@@ -24,6 +24,7 @@ from pipeline.errors import StageInputError
 from pipeline.metrics import corpus_bleu_scores
 from pipeline.tokenizer import Tokenizer
 from pipeline.trainer import load_model
+from pipeline.validation import require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def run(
     data = load_split(features_path, text_dir / "targets.parquet", params.score.split, type(model).feature_kind)
     if len(data) == 0:
         raise StageInputError(f"no {params.score.split} studies to score; check the split parameters")
+    require_finite(data.features, data.study_ids, features_path)
 
     start = time.perf_counter()
     ids = greedy_decode(model, data.features, tokenizer.max_length - 1, params.score.batch_size)
