@@ -89,8 +89,8 @@ _WRITE_ERROR_FIXES = {
 def describe_os_error(error: OSError, dvc_yaml: Path = Path("dvc.yaml")) -> str:
     """Return a one-line message for a failed file operation, with the stage to run for a missing input.
 
-    Libraries raise FileNotFoundError with a bare path as the message (pandas) or with the
-    path in ``filename``; such a path is looked up among the outputs in ``dvc_yaml``.
+    pandas raises FileNotFoundError with a bare path as the message, and the standard library
+    puts the path in ``filename``. Such a path is looked up among the outputs in ``dvc_yaml``.
     """
     path = _missing_path(error)
     if path is None:

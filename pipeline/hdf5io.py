@@ -20,7 +20,7 @@ import h5py
 
 
 class _DeferredErrorFile(io.RawIOBase):
-    """A binary file whose writes never raise; the first OSError is kept in ``error``."""
+    """A binary file whose writes and flushes never raise OSError. The first one is kept in ``error``."""
 
     def __init__(self, raw: io.FileIO) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pipeline.openi import OpenIReports
 from pipeline.text import clean_report
 
-# No example database, so the suite writes nothing into the checkout; a failure prints its example.
+# No example database, so the suite writes nothing into the checkout. A failure prints its example.
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 CLEANED = re.compile(r"(?:[a-z0-9.]+(?: [a-z0-9.]+)*)?")
 

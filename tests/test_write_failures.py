@@ -1,8 +1,8 @@
 """A write that fails (full disk, read-only folder) leaves the previous artifact byte-identical.
 
-Each case runs a real stage through `cxrgen` in a child process: a file size limit
-(RLIMIT_FSIZE, which makes writes fail with EFBIG as a full disk fails with ENOSPC) or a
-folder without write permission makes the new artifact's write fail part-way.
+Each case runs a real stage through `cxrgen` in a child process. A file size limit
+(RLIMIT_FSIZE) makes writes fail with EFBIG, as a full disk fails with ENOSPC, and a
+folder without write permission makes creating the temporary file fail.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from conftest import REPO_ROOT
 from PIL import Image
 from test_extract import make_raw_tree
 
-FILE_SIZE_LIMIT = 4096  # bytes; smaller than every artifact the two stages write here
+FILE_SIZE_LIMIT = 4096  # bytes, smaller than every artifact that the two stages write here
 PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
 EXTRACT_OUTPUTS = ["reports.parquet", "images.parquet", "studies.parquet", "splits.parquet", "exclusions.csv"]
