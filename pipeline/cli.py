@@ -5,6 +5,7 @@ Heavy modules (TensorFlow, DVC) are imported inside the commands, so ``--help`` 
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
@@ -18,7 +19,14 @@ import yaml
 # Keep TensorFlow's C++ start-up messages out of stage logs; set before TensorFlow loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.config import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params, parse_params
+from pipeline.config import (
+    DEFAULT_PARAMS_PATH,
+    Params,
+    ParamsError,
+    describe_yaml_error,
+    load_params,
+    parse_params,
+)
 from pipeline.errors import PipelineError
 from pipeline.logs import log_duration, setup_logging
 
@@ -40,7 +48,13 @@ def stage_command(name: str) -> Callable:
     def decorator(function: Callable[[Params], None]) -> click.Command:
         @click.command(name=name, help=function.__doc__)
         @PARAMS_OPTION
-        @click.option("--log-level", default="INFO", show_default=True, help="Logging level: DEBUG, INFO, WARNING.")
+        @click.option(
+            "--log-level",
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+            default="INFO",
+            show_default=True,
+            help="Logging level.",
+        )
         @functools.wraps(function)
         def command(params_path: Path, log_level: str) -> None:
             setup_logging(log_level.upper())
@@ -48,12 +62,68 @@ def stage_command(name: str) -> Callable:
                 params = load_params(params_path)
                 with log_duration(logger, f"stage {name}"):
                     function(params)
-            except (PipelineError, FileNotFoundError) as error:
+            except PipelineError as error:
                 raise click.ClickException(f"{name}: {error}") from None
+            except OSError as error:
+                # Missing inputs, a full disk or a read-only folder: the user's to fix, not a bug.
+                logger.debug("stage %s failed", name, exc_info=True)
+                raise click.ClickException(f"{name}: {describe_os_error(error)}") from None
 
         return command
 
     return decorator
+
+
+_FULL_DISK_FIX = "; free disk space (or raise the file size limit) and run the stage again"
+_PERMISSION_FIX = "; make the output folder writable and run the stage again"
+_WRITE_ERROR_FIXES = {
+    errno.ENOSPC: _FULL_DISK_FIX,
+    errno.EDQUOT: _FULL_DISK_FIX,
+    errno.EFBIG: _FULL_DISK_FIX,
+    errno.EACCES: _PERMISSION_FIX,
+    errno.EPERM: _PERMISSION_FIX,
+    errno.EROFS: _PERMISSION_FIX,
+}
+
+
+def describe_os_error(error: OSError, dvc_yaml: Path = Path("dvc.yaml")) -> str:
+    """Return a one-line message for a failed file operation, with the stage to run for a missing input.
+
+    pandas raises FileNotFoundError with a bare path as the message, and the standard library
+    puts the path in ``filename``. Such a path is looked up among the outputs in ``dvc_yaml``.
+    """
+    path = _missing_path(error)
+    if path is None:
+        return f"{error}{_WRITE_ERROR_FIXES.get(error.errno, '')}"
+    stage = _stage_writing(path, dvc_yaml)
+    if stage is None:
+        return f"{path}: not found"
+    return f"{path}: not found; the {stage} stage writes it, so run `dvc repro {stage}` first"
+
+
+def _missing_path(error: OSError) -> str | None:
+    if not isinstance(error, FileNotFoundError):
+        return None
+    if error.filename is not None:
+        return str(error.filename)
+    if len(error.args) == 1 and isinstance(error.args[0], str) and " " not in error.args[0]:
+        return error.args[0]
+    return None
+
+
+def _stage_writing(path: str, dvc_yaml: Path) -> str | None:
+    """Return the name of the stage in ``dvc_yaml`` whose outputs contain ``path``, if any."""
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return None
+    wanted = Path(path)
+    for stage, definition in stages.items():
+        for output in definition.get("outs", []) + definition.get("metrics", []):
+            output_path = Path(next(iter(output)) if isinstance(output, dict) else output)
+            if wanted == output_path or output_path in wanted.parents:
+                return stage
+    return None
 
 
 @click.group()
@@ -154,12 +224,12 @@ def params_set(params_path: Path, assignments: tuple[str, ...]) -> None:
     editor.representer.add_representer(
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
     )
-    document = editor.load(params_path.read_text(encoding="utf-8")) if params_path.exists() else {}
+    document = _load_for_editing(editor, params_path)
     for assignment in assignments:
         key, separator, value = assignment.partition("=")
         if not separator or not key:
             raise click.BadParameter(f"{assignment!r}: expected KEY=VALUE", param_hint="assignments")
-        _set_dotted(document, key.split("."), yaml.safe_load(value) if value else None)
+        _set_dotted(document, key.split("."), _parse_value(assignment, value))
     try:
         parse_params(yaml.safe_load(_dump(editor, document)) or {}, source=str(params_path))
     except ParamsError as error:
@@ -171,12 +241,43 @@ def params_set(params_path: Path, assignments: tuple[str, ...]) -> None:
     click.echo(f"{params_path}: set {', '.join(assignments)}")
 
 
+def _load_for_editing(editor, params_path: Path):
+    """Return the parameters file as a ruamel mapping that keeps comments; {} if it is missing or empty."""
+    from ruamel.yaml import YAMLError
+
+    if not params_path.exists():
+        return {}
+    try:
+        document = editor.load(params_path.read_text(encoding="utf-8"))
+    except YAMLError as error:
+        raise click.ClickException(f"{params_path}: invalid YAML: {describe_yaml_error(error)}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise click.ClickException(f"{params_path}: expected a mapping of sections, got {type(document).__name__}")
+    return document
+
+
+def _parse_value(assignment: str, value: str):
+    if not value:
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise click.BadParameter(
+            f"{assignment!r}: the value is not valid YAML ({describe_yaml_error(error)})", param_hint="assignments"
+        ) from None
+
+
 def _set_dotted(document, keys: list[str], value) -> None:
     node = document
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1], start=1):
         if key not in node or node[key] is None:
             node[key] = {}
         node = node[key]
+        if not isinstance(node, dict):
+            section = ".".join(keys[:depth])
+            raise click.BadParameter(f"{'.'.join(keys)}: {section} is a value, not a section", param_hint="assignments")
     node[keys[-1]] = value
 
 

@@ -215,10 +215,19 @@ def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params") from None
     except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: invalid YAML: {error}") from None
+        raise ParamsError(f"{path}: invalid YAML: {describe_yaml_error(error)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, source=str(path))
+
+
+def describe_yaml_error(error: Exception) -> str:
+    """Return a PyYAML or ruamel.yaml error as one line: the line, the column and the problem."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

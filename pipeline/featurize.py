@@ -24,7 +24,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, hdf5io
 from pipeline.atomic import atomic_path
 from pipeline.backbone import RANDOM_WARNING, BackboneInfo, build_feature_extractor
 from pipeline.config import FeaturizeParams
@@ -154,7 +154,7 @@ def write_study_features(
     kept_ids = [study_ids[row] for row in rows]
     count = len(kept_ids)
     cells = features.spatial.shape[1]
-    with h5py.File(path, "w", track_order=True) as store:
+    with hdf5io.open_for_writing(path, "w", track_order=True) as store:
         _dataset(store, "study_id", np.array(kept_ids, dtype=object), h5py.string_dtype())
         _dataset(store, "image_ids", np.array(used_ids, dtype=object).reshape(count, VIEWS), h5py.string_dtype())
         _dataset(store, "single_view", np.array(single, dtype=bool))
@@ -204,7 +204,7 @@ def _standin_images(manifest_path: Path) -> bool:
 
 
 def _write_attrs(path: Path, params: FeaturizeParams, info: BackboneInfo, standin: bool) -> None:
-    with h5py.File(path, "a") as store:
+    with hdf5io.open_for_writing(path, "a") as store:
         store.attrs.update(
             {
                 "weights": info.weights,

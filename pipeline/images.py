@@ -32,6 +32,7 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
     Raises ImageDecodeError for empty, truncated, non-image or oversized files.
     """
     path = Path(path)
+    _allow_pixels(max_pixels)
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -45,7 +46,19 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageDecodeError(f"{path}: not a readable image ({error})") from None
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(f"{path}: rejected as a decompression bomb ({error})") from None
+        raise ImageDecodeError(
+            f"{path}: rejected as a decompression bomb ({error}); raise featurize.max_pixels if the image is genuine"
+        ) from None
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own pixel limit to ``max_pixels`` so that the parameter decides.
+
+    Pillow rejects images above twice ``Image.MAX_IMAGE_PIXELS`` (about 179 million pixels
+    by default) when it opens them, and warns above that value, before any pixel is read.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _to_unit_gray(image: Image.Image) -> np.ndarray:

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 STUDY_ID_PATTERN = re.compile(r"^(CXR\d+(?:_\d+)?_IM-\d{4})")
 # Image ids become file names downstream, so anything that could leave the images folder is rejected.
 IMAGE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# ASCII digits only (str.isdigit accepts "²", which int() rejects), and few enough for int64 columns.
+REPORT_ID_PATTERN = re.compile(r"[0-9]{1,18}")
 _DIGIT_RUN = re.compile(r"(\d+)")
 _STRING_VALUE = etree.XPath("string()")
 
@@ -224,9 +226,9 @@ def _reject_entities(root: etree._Element) -> None:
 
 def _read_report_id(root: etree._Element, path: Path) -> int:
     for candidate in (_attribute(root, "IUXRId"), path.stem):
-        if candidate is not None and candidate.isdigit():
+        if candidate is not None and REPORT_ID_PATTERN.fullmatch(candidate):
             return int(candidate)
-    raise ReportXMLError("no numeric report id in <IUXRId> or in the file name")
+    raise ReportXMLError("no numeric report id of at most 18 digits in <IUXRId> or in the file name")
 
 
 def _read_images(root: etree._Element, source_file: str) -> tuple[list[str], list[str | None]]:

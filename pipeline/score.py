@@ -36,6 +36,7 @@ from pipeline.labeler import OBSERVATIONS, label_reports
 from pipeline.metrics import CaptionScorer, clinical_scores, corpus_bleu_scores
 from pipeline.tokenizer import Tokenizer
 from pipeline.trainer import load_model
+from pipeline.validation import require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def run(
     data = load_split(features_path, text_dir / "targets.parquet", params.score.split, type(model).feature_kind)
     if len(data) == 0:
         raise StageInputError(f"no {params.score.split} studies to score; check the split parameters")
+    require_finite(data.features, data.study_ids, features_path)
     targets = pd.read_parquet(text_dir / "targets.parquet", columns=["study_id", "split", "text"])
     train_texts = targets.loc[targets["split"] == "train", "text"].tolist()
 

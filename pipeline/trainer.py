@@ -28,6 +28,7 @@ from pipeline.dataset import SplitData, TrainingBatches, load_split, teacher_for
 from pipeline.errors import StageInputError
 from pipeline.models import MODELS, ReportGenerator, build_model, masked_accuracy, masked_loss
 from pipeline.tokenizer import Tokenizer
+from pipeline.validation import require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def run(
     val = load_split(features_path, text_dir / "targets.parquet", "val", feature_kind)
     _require_studies(train, "train", features_path)
     _require_studies(val, "val", features_path)
+    for data in (train, val):
+        require_finite(data.features, data.study_ids, features_path)
+
     tokenizer = Tokenizer.load(text_dir / "tokenizer.json")
     matrix = np.load(text_dir / "embeddings.npy")
 

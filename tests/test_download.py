@@ -134,6 +134,18 @@ def test_fetch_resumes_after_dropped_connection(server: FileServer, tmp_path: Pa
     assert 0 < start <= 300_000
 
 
+def test_fetch_resumes_part_of_killed_run(server: FileServer, tmp_path: Path, payload: bytes) -> None:
+    destination = tmp_path / "blob.bin"
+    # A process killed mid-download leaves the bytes it had written in the .part file.
+    destination.with_name("blob.bin.part").write_bytes(payload[:123_457])
+
+    result = fetch_blob(server, destination, expected_size=len(payload), expected_sha256=sha256_of(payload))
+
+    assert result.sha256 == sha256_of(payload)
+    assert [(record.range, record.status) for record in server.records] == [("bytes=123457-", 206)]
+    assert not destination.with_name("blob.bin.part").exists()
+
+
 def test_fetch_truncated_body_then_retry(server: FileServer, tmp_path: Path, payload: bytes) -> None:
     server.set_faults(truncate_after=500_000, count=1)
     destination = tmp_path / "blob.bin"

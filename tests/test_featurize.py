@@ -89,3 +89,48 @@ def test_views_differ_and_runs_repeat(study_tree):
 def test_no_temporary_files_left(study_tree):
     _run(study_tree)
     assert not list(study_tree.glob(".*tmp*"))
+
+
+@pytest.fixture
+def odd_tree(tmp_path):
+    """Studies whose images are tiny, of unusual PNG modes, missing or over the pixel limit."""
+    images = tmp_path / "images"
+    images.mkdir()
+    gray = np.random.default_rng(3).integers(0, 255, (40, 50), dtype=np.uint8)
+    Image.fromarray(np.array([[17]], np.uint8)).save(images / "CXR1_IM-0001-1001.png")
+    Image.fromarray(np.array([[230]], np.uint8)).save(images / "CXR1_IM-0001-2001.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(images / "CXR2_IM-0002-1001.png")
+    Image.fromarray(gray, "L").convert("RGBA").save(images / "CXR2_IM-0002-2001.png")
+    Image.fromarray(gray, "L").convert("P").save(images / "CXR3_IM-0003-1001.png", transparency=0)
+    Image.fromarray(gray, "L").convert("LA").save(images / "CXR3_IM-0003-2001.png")
+    _write_png(images / "CXR4_IM-0004-1001.png", 4)
+    _write_png(images / "CXR6_IM-0006-1001.png", 6)
+    Image.new("1", (3000, 2000)).save(images / "CXR6_IM-0006-2001.png")
+    pd.DataFrame(
+        {
+            "study_id": [f"CXR{n}_IM-000{n}" for n in range(1, 7)],
+            "view_image_ids": [[f"CXR{n}_IM-000{n}-1001", f"CXR{n}_IM-000{n}-2001"] for n in range(1, 7)],
+        }
+    ).to_parquet(tmp_path / "studies.parquet")
+    return tmp_path
+
+
+def test_odd_images_kept_or_skipped(odd_tree, caplog):
+    params = FeaturizeParams(weights="random", image_size=SIZE, batch_size=4, max_pixels=1_000_000)
+    output = odd_tree / "chexnet.h5"
+
+    with caplog.at_level("WARNING", logger="pipeline.featurize"):
+        featurize.run(params, odd_tree / "studies.parquet", odd_tree / "images", odd_tree / "manifest.json", output)
+
+    with h5py.File(output, "r") as store:
+        study_ids = [s.decode() for s in store["study_id"][:]]
+        assert study_ids == ["CXR1_IM-0001", "CXR2_IM-0002", "CXR3_IM-0003", "CXR4_IM-0004", "CXR6_IM-0006"]
+        assert list(store["single_view"][:]) == [False, False, False, True, True]
+        assert [s.decode() for s in store["image_ids"][3]] == ["CXR4_IM-0004-1001"] * 2
+        assert np.isfinite(store["spatial"][:]).all()
+        assert not np.allclose(store["pooled"][0, 0], store["pooled"][0, 1])
+        assert not store.attrs["standin_images"]
+    assert "skipped 4 of 12 images" in caplog.text
+    assert "CXR4_IM-0004-2001.png: not a readable image" in caplog.text
+    assert "3000x2000 pixels exceeds the limit of 1000000" in caplog.text
+    assert "dropped 1 of 6 studies with no decodable image" in caplog.text

@@ -1,5 +1,9 @@
 """Radiograph decoding across PNG modes, normalisation, and rejection of bad files."""
 
+import struct
+import time
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -66,3 +70,81 @@ def test_jpeg_named_png_decodes(tmp_path):
     path = tmp_path / "really-a-jpeg.png"
     Image.fromarray(_gradient(), "L").save(path, format="JPEG", quality=95)
     assert read_radiograph(path, LIMIT).shape == (30, 40)
+
+
+def _png_header_only(path, width, height):
+    """Write a PNG whose header claims width x height gray pixels but whose pixel data is cut short."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000))))
+
+
+def test_palette_transparency_composited_on_black(tmp_path):
+    path = tmp_path / "palette.png"
+    image = Image.new("P", (4, 2))
+    image.putpalette([200, 200, 200, 100, 100, 100] + [0, 0, 0] * 254)
+    image.putdata([0, 1, 0, 1, 1, 1, 0, 0])
+    image.save(path, transparency=0)
+    decoded = read_radiograph(path, LIMIT)
+    expected = np.array([[0, 100, 0, 100], [100, 100, 0, 0]], np.float32) / 255.0
+    np.testing.assert_allclose(decoded, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_partial_alpha_scales_gray(tmp_path, mode):
+    path = tmp_path / f"alpha-{mode}.png"
+    gray = Image.fromarray(np.full((3, 5), 200, np.uint8), "L")
+    alpha = Image.fromarray(np.full((3, 5), 128, np.uint8), "L")
+    channels = [gray, alpha] if mode == "LA" else [gray, gray, gray, alpha]
+    Image.merge(mode, channels).save(path)
+    decoded = read_radiograph(path, LIMIT)
+    np.testing.assert_allclose(decoded, np.full((3, 5), 200 * 128 / 255 / 255), atol=1 / 255)
+
+
+def test_sixteen_bit_full_range(tmp_path):
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.array([[0, 257, 65535]], np.uint16)).save(path)
+    decoded = read_radiograph(path, LIMIT)
+    np.testing.assert_allclose(decoded, [[0.0, 257 / 65535, 1.0]], atol=1e-6)
+
+
+def test_one_pixel_image(tmp_path):
+    path = tmp_path / "one.png"
+    Image.fromarray(np.array([[255]], np.uint8)).save(path)
+    assert read_radiograph(path, LIMIT).shape == (1, 1)
+    pixels = preprocess_radiograph(path, 32, LIMIT)
+    assert pixels.shape == (32, 32, 3)
+    np.testing.assert_allclose(pixels, np.broadcast_to((1.0 - IMAGENET_MEAN) / IMAGENET_STD, (32, 32, 3)), rtol=1e-5)
+
+
+def test_bomb_rejected_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 8_000)).save(path)
+    assert path.stat().st_size < 100_000
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=r"10000x8000 pixels exceeds the limit of 50000000"):
+        read_radiograph(path, 50_000_000)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_huge_header_rejected_by_limit(tmp_path):
+    path = tmp_path / "huge.png"
+    _png_header_only(path, 100_000, 100_000)
+    with pytest.raises(ImageDecodeError, match="featurize.max_pixels"):
+        read_radiograph(path, 50_000_000)
+
+
+def test_pixel_limit_param_overrides_pillow(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    path = tmp_path / "large-but-allowed.png"
+    _png_header_only(path, 20_000, 10_000)  # 200 million pixels, above Pillow's default of about 179 million
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        read_radiograph(path, 300_000_000)
+
+
+def test_missing_file_raises(tmp_path):
+    with pytest.raises(ImageDecodeError, match="absent.png: not a readable image"):
+        read_radiograph(tmp_path / "absent.png", LIMIT)

@@ -226,6 +226,17 @@ def test_report_id_falls_back_to_file_stem(tmp_path: Path) -> None:
     assert "no numeric report id" in reports.skipped["ecgen-radiology/notes.xml"]
 
 
+def test_non_ascii_or_huge_report_id_skipped(tmp_path: Path) -> None:
+    for name, report_id in (("a.xml", "²"), ("b.xml", "٣"), ("c.xml", "9" * 19), ("d.xml", "9" * 18)):
+        write_report(tmp_path, name, report_xml(None).replace(b"<eCitation>", f'<eCitation><IUXRId id="{report_id}"/>'.encode()))
+
+    reports = OpenIReports(tmp_path)
+
+    assert [report.report_id for report in reports] == [10**18 - 1]
+    assert sorted(reports.skipped) == [f"ecgen-radiology/{name}" for name in ("a.xml", "b.xml", "c.xml")]
+    assert all("at most 18 digits" in reason for reason in reports.skipped.values())
+
+
 def test_repeated_report_id_skipped(tmp_path: Path) -> None:
     write_report(tmp_path, "31.xml", report_xml(31, {"FINDINGS": "first"}))
     write_report(tmp_path, "copy-of-31.xml", report_xml(31, {"FINDINGS": "second"}))
