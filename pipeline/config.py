@@ -164,6 +164,9 @@ class ScoreParams(_Section):
 
     split: Literal["val", "test"] = "test"
     batch_size: int = Field(64, ge=1)
+    gallery_studies: int = Field(
+        8, ge=0, description="studies of the split shown in metrics/gallery/index.html with their attention maps"
+    )
 
 
 class Params(_Section):

@@ -1,7 +1,8 @@
 """The score stage: generate reports for held-out studies and compute BLEU over words.
 
-Outputs ``metrics/scores.json`` (declared as DVC metrics) and
-``metrics/predictions.parquet`` (study_id, reference, prediction).
+Outputs ``metrics/scores.json`` (declared as DVC metrics),
+``metrics/predictions.parquet`` (study_id, reference, prediction) and ``metrics/gallery/``
+(an HTML page of the first ``score.gallery_studies`` studies with their attention maps).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.config import Params
 from pipeline.dataset import load_split
 from pipeline.decoding import greedy_decode
 from pipeline.errors import StageInputError
+from pipeline.gallery import score_gallery_studies, write_gallery
 from pipeline.metrics import corpus_bleu_scores
 from pipeline.tokenizer import Tokenizer
 from pipeline.trainer import load_model
@@ -37,6 +39,7 @@ def run(
     text_dir: Path = Path("data/text"),
     model_dir: Path = Path("models"),
     metrics_dir: Path = Path("metrics"),
+    images_dir: Path = Path("data/raw/images"),
 ) -> dict:
     """Decode every study of ``score.split`` greedily and write scores and predictions."""
     model = load_model(model_dir / "model.keras")
@@ -54,6 +57,9 @@ def run(
     scores = _scores(params, model_dir, data.study_ids, references, predictions, seconds)
     write_text(metrics_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
     _write_predictions(metrics_dir / "predictions.parquet", data.study_ids, references, predictions)
+    gallery = score_gallery_studies(model, tokenizer, data, features_path, images_dir, params.score.gallery_studies)
+    write_gallery(metrics_dir / "gallery", gallery, params.model, params.score.split, scores["warnings"],
+                  params.featurize.max_pixels)
     logger.info("score: %s", {name: round(value, 4) for name, value in scores["greedy"].items()})
     for warning in scores["warnings"]:
         logger.warning("score: %s", warning)

@@ -42,8 +42,13 @@ def test_training_learns_and_saves(workspace, trained):
     assert json.loads((workspace / "models" / "model.json").read_text())["features"]["random_weights"] is True
 
 
-def test_score_recovers_reports(workspace, trained):
-    scores = score.run(trained, workspace / "chexnet.h5", workspace / "text", workspace / "models", workspace / "metrics")
+@pytest.fixture(scope="module")
+def scores(workspace, trained):
+    return score.run(trained, workspace / "chexnet.h5", workspace / "text", workspace / "models", workspace / "metrics",
+                     workspace / "images")
+
+
+def test_score_recovers_reports(workspace, scores):
     assert scores["studies"] == 6
     assert scores["greedy"]["bleu4"] > 0.9
     assert scores["random_weights"] is True
@@ -51,3 +56,13 @@ def test_score_recovers_reports(workspace, trained):
     predictions = pd.read_parquet(workspace / "metrics" / "predictions.parquet")
     assert list(predictions.columns) == ["study_id", "reference", "prediction"]
     assert (predictions["reference"] == predictions["prediction"]).all()
+
+
+def test_score_writes_gallery(workspace, scores):
+    predictions = pd.read_parquet(workspace / "metrics" / "predictions.parquet")
+    page = (workspace / "metrics" / "gallery" / "index.html").read_text()
+    assert page.count("<section") == 6
+    for study_id, prediction in zip(predictions["study_id"], predictions["prediction"], strict=True):
+        assert f"<dt>Greedy</dt><dd>{prediction}</dd>" in page, study_id
+    assert "RANDOM WEIGHTS" in page
+    assert "The simple model has no attention" in page
