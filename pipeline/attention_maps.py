@@ -2,8 +2,8 @@
 
 Spatial models (``spatial``, ``transformer``) attend over 2 * s * s regions: view 0's
 s x s DenseNet grid in row-major order, then view 1's (s = 7 at 224 px input). The grid
-is upsampled bilinearly onto the radiograph, which the model sees squashed to a square,
-and drawn as a colour overlay. The ``attention`` model attends over 2 regions, one per
+is upsampled bilinearly onto the radiograph, squashed to a square as featurize squashes
+it, and drawn as a colour overlay. The ``attention`` model attends over 2 regions, one per
 view, so each view gets a uniform tint. Under each view a bar shows that view's share of
 the word's attention.
 """
@@ -32,6 +32,7 @@ LABEL_HEIGHT = 24  # under each view: its name and share, then a bar of that len
 BAR_TOP, BAR_BOTTOM = 17, 21  # rows of the share bar within the label strip
 BAR_COLOUR = (249, 142, 9)
 GAP = 6
+VIEW_SIZE = 256  # default side of each view in a map, in pixels
 
 
 def view_weights(weights: np.ndarray) -> np.ndarray:
@@ -76,7 +77,7 @@ def overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
 def load_views(paths: Sequence[Path | str], view_size: int, max_pixels: int) -> list[np.ndarray]:
     """Decode a study's two view files and resize each to float32 (view_size, view_size) in [0, 1].
 
-    The square size matches what the model sees: featurize squashes every radiograph to a
+    The square matches the model input: featurize squashes every radiograph to a
     square without keeping the aspect ratio.
     """
     views = []
@@ -109,7 +110,7 @@ def render_word_map(
         canvas.paste(Image.fromarray(tile, mode="RGB"), (left, CAPTION_HEIGHT))
         share = float(cells.sum())
         top = CAPTION_HEIGHT + size
-        draw.text((left + 2, top + 2), f"{view_names[index]} {share:.0%}", fill="black", font=small_font)
+        draw.text((left + 2, top + 2), f"{view_names[index]}: {share:.0%}", fill="black", font=small_font)
         if share > 0:
             draw.rectangle((left, top + BAR_TOP, left + round(share * size) - 1, top + BAR_BOTTOM), fill=BAR_COLOUR)
     return canvas

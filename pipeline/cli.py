@@ -124,7 +124,6 @@ def artifact_options(function: Callable) -> Callable:
                      help="Use the artifacts of this DVC experiment (or Git revision) instead of the workspace's."),
         click.option("--weights", default=None, metavar="PATH",
                      help="CheXNet weights file, when the path recorded in models/model.json is not valid here."),
-        click.option("--log-level", default="WARNING", show_default=True, help="Logging level: DEBUG, INFO, WARNING."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -139,6 +138,7 @@ def artifact_options(function: Callable) -> Callable:
               help="Write one attention-map PNG per word into this folder (attention models only).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
               help="Largest decoded image accepted, in pixels.")
+@click.option("--log-level", default="WARNING", show_default=True, help="Logging level: DEBUG, INFO, WARNING.")
 @artifact_options
 def predict(frontal: Path, lateral: Path | None, as_json: bool, attention_dir: Path | None, max_pixels: int,
             repo: Path, experiment: str | None, weights: str | None, log_level: str) -> None:
@@ -146,7 +146,7 @@ def predict(frontal: Path, lateral: Path | None, as_json: bool, attention_dir: P
 
     With one image, it is used for both views, as the pipeline does for single-view studies.
     """
-    from pipeline.attention_maps import load_views, write_word_maps
+    from pipeline.attention_maps import VIEW_SIZE, load_views, write_word_maps
     from pipeline.predict import load_predictor
 
     setup_logging(log_level.upper())
@@ -155,7 +155,7 @@ def predict(frontal: Path, lateral: Path | None, as_json: bool, attention_dir: P
         prediction = predictor.predict(frontal, lateral)
         maps = []
         if attention_dir is not None:
-            views = load_views([frontal, lateral or frontal], 256, max_pixels)
+            views = load_views([frontal, lateral or frontal], VIEW_SIZE, max_pixels)
             maps = write_word_maps(attention_dir, views, prediction.words, prediction.attention)
     except (PipelineError, FileNotFoundError) as error:
         raise click.ClickException(f"predict: {error}") from None
@@ -178,6 +178,7 @@ def predict(frontal: Path, lateral: Path | None, as_json: bool, attention_dir: P
               help="Largest uploaded file accepted per view, in MiB.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=25_000_000, show_default=True,
               help="Largest uploaded image accepted per view, in pixels (width x height).")
+@click.option("--log-level", default="INFO", show_default=True, help="Logging level: DEBUG, INFO, WARNING.")
 @artifact_options
 def serve(host: str, port: int, max_upload_mb: float, max_pixels: int,
           repo: Path, experiment: str | None, weights: str | None, log_level: str) -> None:
@@ -187,7 +188,7 @@ def serve(host: str, port: int, max_upload_mb: float, max_pixels: int,
     from pipeline.predict import load_predictor
     from pipeline.webapp import UploadLimits, create_app
 
-    setup_logging("INFO" if log_level.upper() == "WARNING" else log_level.upper())
+    setup_logging(log_level.upper())
     try:
         predictor = load_predictor(repo, experiment, weights, max_pixels)
     except (PipelineError, FileNotFoundError) as error:

@@ -37,7 +37,7 @@ class GalleryStudy:
     """One study of the gallery.
 
     ``image_paths``: the two view files, view 0 first; None where the file is unknown.
-    ``attention`` float32 (words, regions): row t holds the weights with which greedy word t
+    ``attention`` float32 (words, regions): row t contains the weights with which greedy word t
     was chosen, or None for a model without attention. ``beam`` is the beam-search report
     and ``labels`` maps a report name ("reference", "greedy", "beam") to clinical labels by
     condition; the gallery shows each when it is set.
@@ -99,9 +99,9 @@ def _write_study(root: Path, index: int, study: GalleryStudy, max_pixels: int) -
         small = [np.asarray(Image.fromarray(view, mode="F").resize((MAP_VIEW_SIZE, MAP_VIEW_SIZE))) for view in views]
         for position, word in enumerate(study.greedy_words, start=1):
             name = f"{folder}/{map_file_name(position, word)}"
-            render_word_map(small, study.attention[position - 1], f"{position}. {word}", VIEW_NAMES).save(
-                root / name, optimize=True
-            )
+            image = render_word_map(small, study.attention[position - 1], f"{position}. {word}", VIEW_NAMES)
+            # A 128-colour palette makes each map about a third of its RGB size.
+            image.quantize(colors=128, dither=Image.Dither.NONE).save(root / name, optimize=True)
             maps.append({"file": name, "word": word})
 
     labels = study.labels or {}
@@ -166,13 +166,13 @@ def score_gallery_studies(
 
 def _study_views(features_path: Path, study_ids: Sequence[str]) -> dict[str, tuple[list[str], bool]]:
     """Map each study id to its two view image ids and single_view flag from the feature store."""
-    wanted = set(study_ids)
+    requested = set(study_ids)
     with h5py.File(features_path, "r") as store:
         if "image_ids" not in store:
             logger.warning("gallery: %s records no image ids, so the gallery shows no images", features_path)
             return {}
         stored = [_text(value) for value in store["study_id"][:]]
-        rows = [row for row, study_id in enumerate(stored) if study_id in wanted]
+        rows = [row for row, study_id in enumerate(stored) if study_id in requested]
         image_ids = store["image_ids"][rows] if rows else np.zeros((0, 2), object)
         single = store["single_view"][rows] if rows else np.zeros(0, bool)
     return {stored[row]: ([_text(value) for value in ids], bool(flag))

@@ -45,7 +45,7 @@ class ArtifactError(PipelineError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class Artifacts:
-    """The folder that holds ``models/`` and ``data/text/`` as a DVC workspace lays them out."""
+    """The folder that contains ``models/`` and ``data/text/`` as a DVC workspace lays them out."""
 
     root: Path
 
@@ -90,7 +90,7 @@ class Artifacts:
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """How the model's training features were made, as ``model.json`` records them."""
+    """The featurize settings behind the model's training features, as ``model.json`` records them."""
 
     weights: str  # "chexnet", "imagenet" or "random"
     weights_source: str
@@ -181,7 +181,7 @@ def load_predictor(
 def _load_checked(artifacts: Artifacts, weights: str | None, max_pixels: int, require_attention: bool) -> ReportPredictor:
     if require_attention:
         info_path = artifacts.path(MODEL_INFO_PATH)
-        name = json.loads(info_path.read_text(encoding="utf-8")).get("model", "unknown")
+        name = read_model_info(info_path).get("model", "unknown")
         if name not in MODELS or not issubclass(MODELS[name], AttentionReportGenerator):
             with_attention = [key for key, model in MODELS.items() if issubclass(model, AttentionReportGenerator)]
             raise ArtifactError(
@@ -189,6 +189,17 @@ def _load_checked(artifacts: Artifacts, weights: str | None, max_pixels: int, re
                 f"train one of {', '.join(with_attention)} (dvc exp run -S model=spatial) or leave out --attention"
             )
     return ReportPredictor.load(artifacts, weights, max_pixels)
+
+
+def read_model_info(path: Path) -> dict:
+    """Read ``models/model.json``; raise ArtifactError naming the file when it is missing or invalid."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{path}: cannot read the model description ({error}); rerun the train stage") from None
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{path}: expected a JSON object; rerun the train stage")
+    return info
 
 
 def backbone_weights(settings: FeatureSettings, override: str | None) -> str:
@@ -226,11 +237,11 @@ class ReportPredictor:
         from pipeline.trainer import load_model
 
         info_path = artifacts.path(MODEL_INFO_PATH)
+        info = read_model_info(info_path)
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
             tokenizer = Tokenizer.load(artifacts.path(TOKENIZER_PATH))
-        except (OSError, ValueError) as error:
-            raise ArtifactError(f"{info_path.parent}: cannot read the trained artifacts ({error})") from None
+        except ValueError as error:
+            raise ArtifactError(str(error)) from None
         settings = FeatureSettings.from_model_info(info, info_path)
         model = load_model(artifacts.path(MODEL_PATH))
 
@@ -274,9 +285,15 @@ class ReportPredictor:
 
 
 def _check_weights_match(settings: FeatureSettings, sha256: str | None) -> None:
-    if settings.weights != "chexnet" or not settings.weights_sha256:
+    if not settings.weights_sha256 or sha256 == settings.weights_sha256:
         return
-    if sha256 != settings.weights_sha256:
+    if settings.weights == "imagenet":
+        logger.warning(
+            "predict: Keras' ImageNet weights file has sha256 %s, but the model's features came from %s",
+            sha256, settings.weights_sha256,
+        )
+        return
+    if settings.weights == "chexnet":
         raise WeightsError(
             f"the CheXNet weights have sha256 {sha256}, but the model was trained on features from weights with "
             f"sha256 {settings.weights_sha256}; pass --weights with the file that featurize used"

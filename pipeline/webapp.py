@@ -92,7 +92,7 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
 
     @app.middleware("http")
     async def reject_large_requests(request: Request, call_next):
-        """Answer 411 or 413 from the Content-Length header before the form is read."""
+        """Reject uploads without a Content-Length (411) or above the limit (413) before the form is read."""
         if request.method != "POST":
             return await call_next(request)
         length = request.headers.get("content-length", "")
@@ -170,7 +170,8 @@ def _predict_uploads(
     with tempfile.TemporaryDirectory(prefix="cxrgen-upload-") as folder:
         paths = []
         for name, upload in uploads:
-            data = upload.file.read(limits.max_bytes + 1)
+            # The middleware has capped the request size, so reading a whole file is bounded.
+            data = upload.file.read()
             path = Path(folder) / f"{name}{check_upload(f'{name} view', data, limits)}"
             path.write_bytes(data)
             paths.append(path)

@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(trained_workspace, tmp_path_factory):
-    """Start ``cxrgen serve`` on 127.0.0.1 and return its base URL once /health answers."""
+    """Start ``cxrgen serve`` on 127.0.0.1 and return its base URL once /health responds."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--repo", str(trained_workspace), "--port", str(port),

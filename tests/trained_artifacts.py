@@ -2,7 +2,7 @@
 
 Real NIH radiographs go through the featurize stage with random DenseNet-121 weights at
 224 px. A small ``spatial`` model then trains on those features and the synthetic reports
-of ``synthetic.py``. The workspace holds what ``cxrgen predict`` reads: models/model.keras,
+of ``synthetic.py``. The workspace contains what ``cxrgen predict`` reads: models/model.keras,
 models/model.json and data/text/tokenizer.json, plus the feature store and the images.
 """
 
