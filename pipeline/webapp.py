@@ -90,24 +90,7 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
     app = FastAPI(title="cxrgen", docs_url=None, redoc_url=None, openapi_url=None)
     page = _page_renderer(predictor, limits)
 
-    @app.middleware("http")
-    async def reject_large_requests(request: Request, call_next):
-        """Reject uploads without a Content-Length (411) or above the limit (413) before the form is read."""
-        if request.method != "POST":
-            return await call_next(request)
-        length = request.headers.get("content-length", "")
-        error = None
-        if not length.isdigit():
-            error = UploadError("the request has no Content-Length; send the form from a browser or with curl -F", 411)
-        elif int(length) > limits.max_request_bytes:
-            megabytes = limits.max_bytes / 2**20
-            error = UploadError(f"the upload is too large: at most two images of {megabytes:.0f} MB each", 413)
-        if error is None:
-            return await call_next(request)
-        logger.info("serve: rejected %s %s: %s", request.method, request.url.path, error)
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": str(error)}, status_code=error.status)
-        return page(error=str(error), status=error.status)
+    app.middleware("http")(_request_size_guard(limits, page))
 
     @app.get("/", response_class=HTMLResponse)
     def form() -> Response:
@@ -127,6 +110,7 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
         try:
             prediction, _ = _predict_uploads(predictor, limits, frontal, lateral, with_maps=False)
         except UploadError as error:
+            logger.info("serve: rejected upload: %s", error)
             return JSONResponse({"error": str(error)}, status_code=error.status)
         return JSONResponse(prediction.as_dict())
 
@@ -135,6 +119,30 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
         return {"status": "ok", "model": predictor.model_name, "attention": predictor.has_attention}
 
     return app
+
+
+def _request_size_guard(limits: UploadLimits, page):
+    """Build the middleware that rejects POSTs by their Content-Length before the form is read."""
+
+    async def reject_large_requests(request: Request, call_next):
+        """Reject uploads without a Content-Length (411) or above the limit (413)."""
+        if request.method != "POST":
+            return await call_next(request)
+        length = request.headers.get("content-length", "")
+        error = None
+        if not length.isdigit():
+            error = UploadError("the request has no Content-Length; send the form from a browser or with curl -F", 411)
+        elif int(length) > limits.max_request_bytes:
+            megabytes = limits.max_bytes / 2**20
+            error = UploadError(f"the upload is too large: at most two images of {megabytes:.0f} MB each", 413)
+        if error is None:
+            return await call_next(request)
+        logger.info("serve: rejected %s %s: %s", request.method, request.url.path, error)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        return page(error=str(error), status=error.status)
+
+    return reject_large_requests
 
 
 def _page_renderer(predictor: ReportPredictor, limits: UploadLimits):
