@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import functools
 import io
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -182,6 +183,94 @@ def score(params: Params) -> None:
 
 for _command in (download, extract, featurize, tokenize, train, score):
     main.add_command(_command)
+
+
+def artifact_options(function: Callable) -> Callable:
+    """Add the options that choose which trained artifacts a command loads."""
+    options = [
+        click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+                     help="DVC project whose models/ and data/text/ artifacts to use."),
+        click.option("--experiment", default=None, metavar="NAME",
+                     help="Use the artifacts of this DVC experiment (or Git revision) instead of the workspace's."),
+        click.option("--weights", default=None, metavar="PATH",
+                     help="CheXNet weights file, when the path recorded in models/model.json is not valid here."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command("predict")
+@click.argument("frontal", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("lateral", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with the report, each word's id and log-probability.")
+@click.option("--attention", "attention_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write one attention-map PNG per word into this folder (attention models only).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
+              help="Largest decoded image accepted, in pixels.")
+@click.option("--log-level", default="WARNING", show_default=True, help="Logging level: DEBUG, INFO, WARNING.")
+@artifact_options
+def predict(frontal: Path, lateral: Path | None, as_json: bool, attention_dir: Path | None, max_pixels: int,
+            repo: Path, experiment: str | None, weights: str | None, log_level: str) -> None:
+    """Write the report for a FRONTAL radiograph and an optional LATERAL one with the trained model.
+
+    With one image, it is used for both views, as the pipeline does for single-view studies.
+    """
+    from pipeline.attention_maps import VIEW_SIZE, load_views, write_word_maps
+    from pipeline.predict import load_predictor
+
+    setup_logging(log_level.upper())
+    try:
+        predictor = load_predictor(repo, experiment, weights, max_pixels, require_attention=attention_dir is not None)
+        prediction = predictor.predict(frontal, lateral)
+        maps = []
+        if attention_dir is not None:
+            views = load_views([frontal, lateral or frontal], VIEW_SIZE, max_pixels)
+            maps = write_word_maps(attention_dir, views, prediction.words, prediction.attention)
+    except (PipelineError, FileNotFoundError) as error:
+        raise click.ClickException(f"predict: {error}") from None
+
+    for warning in prediction.warnings:
+        click.secho(f"WARNING: {warning}", err=True, fg="yellow", bold=True)
+    if attention_dir is not None:
+        click.echo(f"wrote {len(maps)} attention maps to {attention_dir}", err=True)
+    if as_json:
+        click.echo(json.dumps({**prediction.as_dict(), "attention_maps": [str(path) for path in maps]}, indent=2))
+    else:
+        click.echo(prediction.report)
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The page has no authentication; keep 127.0.0.1 unless a proxy guards it.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port to listen on.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Largest uploaded file accepted per view, in MiB.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=25_000_000, show_default=True,
+              help="Largest uploaded image accepted per view, in pixels (width x height).")
+@click.option("--log-level", default="INFO", show_default=True, help="Logging level: DEBUG, INFO, WARNING.")
+@artifact_options
+def serve(host: str, port: int, max_upload_mb: float, max_pixels: int,
+          repo: Path, experiment: str | None, weights: str | None, log_level: str) -> None:
+    """Serve a web page that writes reports for uploaded radiographs, with attention maps."""
+    import uvicorn
+
+    from pipeline.predict import load_predictor
+    from pipeline.webapp import UploadLimits, create_app
+
+    setup_logging(log_level.upper())
+    try:
+        predictor = load_predictor(repo, experiment, weights, max_pixels)
+    except (PipelineError, FileNotFoundError) as error:
+        raise click.ClickException(f"serve: {error}") from None
+    for warning in predictor.settings.warnings():
+        click.secho(f"WARNING: {warning}", err=True, fg="yellow", bold=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serve: listening on %s; anyone who reaches this address can use the page", host)
+
+    app = create_app(predictor, UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels))
+    logger.info("serve: open http://%s:%d/ in a browser", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
 
 
 @main.group("params")

@@ -176,6 +176,9 @@ class ScoreParams(_Section):
     constant_candidates: int = Field(
         20, ge=1, description="most frequent training reports tried for the constant-report baseline (best val BLEU-4 wins)"
     )
+    gallery_studies: int = Field(
+        8, ge=0, description="studies of the split shown in metrics/gallery/index.html with their attention maps"
+    )
 
 
 class Params(_Section):

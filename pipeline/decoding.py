@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from pipeline.models import ReportGenerator
+from pipeline.models import AttentionReportGenerator, ReportGenerator
 from pipeline.tokenizer import END_ID, PAD_ID, START_ID
 
 logger = logging.getLogger(__name__)
@@ -259,3 +259,87 @@ def _best_beams(beams: dict, settings: _BeamSettings) -> tuple[tf.Tensor, tf.Ten
     best = tf.argmax(ranking, axis=1, output_type=tf.int32)
     ids = tf.gather(beams["history"], best, batch_dims=1)
     return ids, tf.gather(beams["scores"], best, batch_dims=1)
+
+
+@dataclass
+class GreedyDetails:
+    """Greedy reports with what explains them, for ``studies`` studies and ``steps`` steps.
+
+    ``token_ids`` int32 (studies, steps) as ``greedy_decode`` returns them. ``log_probs``
+    float32 (studies, steps): natural log of the probability of each chosen word, 0 after
+    ``<end>``. ``attention`` float32 (studies, steps, regions): the weights over feature
+    regions with which each word was chosen, or None for a model without attention.
+    """
+
+    token_ids: np.ndarray
+    log_probs: np.ndarray
+    attention: np.ndarray | None
+
+
+def word_positions(token_ids: np.ndarray) -> np.ndarray:
+    """Return the steps (int64) of a decoded row (steps,) that hold report words: those
+    before the first ``<end>``, without ``<pad>`` and ``<start>``, as ``Tokenizer.decode`` reads them."""
+    ends = np.flatnonzero(token_ids == END_ID)
+    length = int(ends[0]) if ends.size else len(token_ids)
+    steps = np.arange(length)
+    return steps[~np.isin(token_ids[:length], (PAD_ID, START_ID))]
+
+
+class DetailedGreedyDecoder:
+    """Arg-max decoding, as ``greedy_decode``, that also returns scores and attention.
+
+    The decoding loop is compiled once per decoder, so keep one per model when decoding
+    many times, as a server does.
+    """
+
+    def __init__(self, model: ReportGenerator, max_steps: int):
+        self.max_steps = max_steps
+        self.with_attention = isinstance(model, AttentionReportGenerator)
+        self._decode = _compiled_greedy_details(model, max_steps, self.with_attention)
+
+    def __call__(self, features: np.ndarray, batch_size: int = 64) -> GreedyDetails:
+        """Decode features (studies, regions, 1024); the word ids equal ``greedy_decode``'s."""
+        if len(features) == 0:
+            attention = np.zeros((0, self.max_steps, features.shape[1]), np.float32) if self.with_attention else None
+            return GreedyDetails(np.zeros((0, self.max_steps), np.int32), np.zeros((0, self.max_steps), np.float32), attention)
+
+        batches = [self._decode(tf.convert_to_tensor(features[start : start + batch_size]))
+                   for start in range(0, len(features), batch_size)]
+        token_ids, log_probs, attention = (np.concatenate([batch[part].numpy() for batch in batches]) for part in range(3))
+        return GreedyDetails(token_ids, log_probs, attention if self.with_attention else None)
+
+
+def greedy_decode_with_details(
+    model: ReportGenerator, features: np.ndarray, max_steps: int, batch_size: int = 64
+) -> GreedyDetails:
+    """Generate reports for features (studies, regions, 1024) with ``DetailedGreedyDecoder``."""
+    return DetailedGreedyDecoder(model, max_steps)(features, batch_size)
+
+
+def _compiled_greedy_details(model: ReportGenerator, max_steps: int, with_attention: bool):
+    @tf.function(reduce_retracing=True)
+    def decode(features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        batch, regions = tf.shape(features)[0], tf.shape(features)[1]
+        state = model.encode(features)
+        tokens = tf.fill([batch], START_ID)
+        finished = tf.zeros([batch], tf.bool)
+        words = tf.TensorArray(tf.int32, size=max_steps)
+        scores = tf.TensorArray(tf.float32, size=max_steps)
+        weights = tf.TensorArray(tf.float32, size=max_steps)
+        for position in tf.range(max_steps):
+            if with_attention:
+                logits, state, step_weights = model.decode_step_with_attention(tokens, state)
+            else:
+                logits, state = model.decode_step(tokens, state)
+                step_weights = tf.zeros([batch, regions], tf.float32)
+            log_probs = word_log_probs(logits)
+            tokens = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
+            log_prob = tf.reduce_max(log_probs, axis=-1)
+            words = words.write(position, tf.where(finished, PAD_ID, tokens))
+            scores = scores.write(position, tf.where(finished, 0.0, log_prob))
+            weights = weights.write(position, tf.cast(step_weights, tf.float32))
+            finished = finished | (tokens == END_ID)
+        return (tf.transpose(words.stack()), tf.transpose(scores.stack()),
+                tf.transpose(weights.stack(), (1, 0, 2)))
+
+    return decode

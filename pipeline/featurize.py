@@ -28,18 +28,17 @@ from pipeline import __version__, hdf5io
 from pipeline.atomic import atomic_path
 from pipeline.backbone import RANDOM_WARNING, BackboneInfo, build_feature_extractor
 from pipeline.config import FeaturizeParams
+from pipeline.image_features import CHANNELS, VIEWS, compiled_forward, image_features, pair_views
 from pipeline.images import NORMALISATION, ImageDecodeError, preprocess_radiograph
 from pipeline.logs import log_duration
 
 logger = logging.getLogger(__name__)
 
-VIEWS = 2
-CHANNELS = 1024
-
 
 @dataclass
 class ImageFeatures:
-    """Features of distinct images: pooled (images, 1024), spatial (images, cells, 1024), ok (images,)."""
+    """Features of distinct images in the storage dtype: pooled (images, 1024), spatial
+    (images, cells, 1024), and ok (images,), False where the image could not be decoded."""
 
     pooled: np.ndarray
     spatial: np.ndarray
@@ -79,22 +78,22 @@ def run(
 def extract_image_features(backbone: tf.keras.Model, paths: list[Path], params: FeaturizeParams) -> ImageFeatures:
     """Run the backbone over images in batches; decoding overlaps the forward pass.
 
-    Returns pooled float32 (images, 1024) and spatial (images, s*s, 1024) in the storage
-    dtype, with ``ok`` False and an error message for images that could not be decoded.
+    Returns pooled (images, 1024) and spatial (images, s*s, 1024) in the storage dtype,
+    with ``ok`` False and an error message for images that could not be decoded.
     """
     dataset, errors = _image_dataset(paths, params)
-    forward = _compiled_forward(backbone)
+    forward = compiled_forward(backbone)
     cells = int(backbone.output.shape[1]) * int(backbone.output.shape[2])
-    pooled = np.zeros((len(paths), CHANNELS), np.float32)
+    pooled = np.zeros((len(paths), CHANNELS), params.storage_dtype)
     spatial = np.zeros((len(paths), cells, CHANNELS), params.storage_dtype)
     ok = np.zeros(len(paths), bool)
 
     batches = -(-len(paths) // params.batch_size)
     for indices, pixels, decoded in tqdm(dataset, total=batches, desc="featurize", unit="batch"):
-        batch_spatial, batch_pooled = forward(pixels)
+        batch_pooled, batch_spatial = image_features(forward, pixels)
         rows = indices.numpy()
-        pooled[rows] = batch_pooled.numpy()
-        spatial[rows] = batch_spatial.numpy().reshape(len(rows), cells, CHANNELS).astype(params.storage_dtype)
+        pooled[rows] = batch_pooled.astype(params.storage_dtype)
+        spatial[rows] = batch_spatial.astype(params.storage_dtype)
         ok[rows] = decoded.numpy()
     return ImageFeatures(pooled, spatial, ok, dict(errors))
 
@@ -121,15 +120,6 @@ def _image_dataset(paths: list[Path], params: FeaturizeParams) -> tuple[tf.data.
 
     dataset = tf.data.Dataset.range(len(paths)).map(load_tensor, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(params.batch_size).prefetch(2), errors
-
-
-def _compiled_forward(backbone: tf.keras.Model):
-    @tf.function(reduce_retracing=True)
-    def forward(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        spatial = backbone(pixels, training=False)
-        return spatial, tf.reduce_mean(spatial, axis=[1, 2])
-
-    return forward
 
 
 def _log_failures(features: ImageFeatures, paths: list[Path]) -> None:
@@ -178,13 +168,14 @@ def _choose_views(
     rows, used_ids, single = [], [], []
     dropped = 0
     for row, pair in enumerate(view_ids):
-        usable = [image_id for image_id in dict.fromkeys(pair) if ok[index[image_id]]]
+        usable = [image_id for image_id in pair if ok[index[image_id]]]
         if not usable:
             dropped += 1
             continue
+        views, single_view = pair_views(usable)
         rows.append(row)
-        used_ids.append([usable[0], usable[-1]] if len(usable) > 1 else [usable[0], usable[0]])
-        single.append(len(usable) == 1)
+        used_ids.append(views)
+        single.append(single_view)
     if dropped:
         logger.warning("featurize: dropped %d of %d studies with no decodable image", dropped, len(study_ids))
     return rows, used_ids, single

@@ -11,6 +11,8 @@ from pycocoevalcap over words, and CheXpert label precision, recall and F1 from
 * ``metrics/predictions.parquet``: per study, the reference, every system's report and the
   CheXpert labels of each;
 * ``plots/chexpert_f1.csv``: per-observation F1 of every system.
+* ``metrics/gallery/``: an HTML page of the first ``score.gallery_studies`` studies with both
+  views, the reference, greedy and beam reports, their CheXpert labels and attention maps.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from pipeline.config import Params
 from pipeline.dataset import SplitData, load_split
 from pipeline.decoding import Decoded, beam_search_decode, greedy_decode
 from pipeline.errors import StageInputError
-from pipeline.labeler import OBSERVATIONS, label_reports
+from pipeline.gallery import score_gallery_studies, write_gallery
+from pipeline.labeler import OBSERVATIONS, label_report, label_reports
 from pipeline.metrics import CaptionScorer, clinical_scores, corpus_bleu_scores
 from pipeline.tokenizer import Tokenizer
 from pipeline.trainer import load_model
@@ -67,6 +70,7 @@ def run(
     model_dir: Path = Path("models"),
     metrics_dir: Path = Path("metrics"),
     plots_dir: Path = Path("plots"),
+    images_dir: Path = Path("data/raw/images"),
 ) -> dict:
     """Decode the ``score.split`` studies greedily and by beam search, score them and the baselines."""
     model = load_model(model_dir / "model.keras")
@@ -92,8 +96,30 @@ def run(
     write_text(metrics_dir / "chexpert.json", json.dumps(per_observation, indent=2) + "\n")
     _write_predictions(metrics_dir / "predictions.parquet", data, reference_labels, systems)
     _write_f1_plot(plots_dir / "chexpert_f1.csv", systems, reference_labels)
+    _write_gallery(metrics_dir / "gallery", params, model, tokenizer, data, features_path, images_dir, systems, scores)
     _log_summary(scores)
     return scores
+
+
+def _write_gallery(out_dir, params, model, tokenizer, data, features_path, images_dir, systems, scores) -> None:
+    """Write the HTML gallery with greedy attention, the beam report and CheXpert labels per study."""
+    studies = score_gallery_studies(model, tokenizer, data, features_path, images_dir, params.score.gallery_studies)
+    by_name = {system.name: system for system in systems}
+    for row, study in enumerate(studies):
+        study.beam = by_name["beam"].reports[row]
+        study.labels = {
+            "reference": _label_names(label_report(study.reference)),
+            "greedy": _label_names(by_name["greedy"].labels[row]),
+            "beam": _label_names(by_name["beam"].labels[row]),
+        }
+    write_gallery(out_dir, studies, params.model, params.score.split, scores["warnings"], params.featurize.max_pixels)
+
+
+def _label_names(labels) -> dict[str, str]:
+    """Map CheXpert labels (a dict by observation, or a row in OBSERVATIONS order) to words."""
+    values = labels if isinstance(labels, dict) else dict(zip(OBSERVATIONS, labels, strict=True))
+    words = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
+    return {name: words[float(value)] for name, value in values.items() if value == value and value is not None}
 
 
 def _model_systems(model, tokenizer: Tokenizer, data: SplitData, params: Params) -> list[System]:

@@ -26,3 +26,19 @@ def shared_data() -> Path:
     if not data.is_dir():
         pytest.fail(f"shared data not found at {data}; put the shared folder beside the checkout or set CXRGEN_SHARED")
     return data
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory, shared_data) -> Path:
+    """A workspace with a small trained spatial model on random-weights features of NIH radiographs."""
+    from trained_artifacts import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("trained"), shared_data / "nih-cxr-sample")
+
+
+@pytest.fixture(scope="session")
+def predictor(trained_workspace):
+    """The trained workspace's predictor, loaded once."""
+    from pipeline.predict import load_predictor
+
+    return load_predictor(trained_workspace)

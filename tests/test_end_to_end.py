@@ -192,6 +192,77 @@ def test_every_model_trains_and_scores_as_experiment(project):
         assert "beats_baselines" in scores, name
 
 
+def _experiment_names(project: Path) -> dict[str, str]:
+    """Map each model to the name of an experiment that trained it."""
+    shown = json.loads(_command(["dvc", "exp", "show", "--json"], project).stdout)
+    names = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs", []):
+                if rev.get("data") and rev.get("name"):
+                    names[rev["data"]["params"]["params.yaml"]["data"]["model"]] = rev["name"]
+    return names
+
+
+def _study_images(project: Path, row: int) -> tuple[list[Path], np.ndarray]:
+    with h5py.File(project / "features/chexnet.h5", "r") as store:
+        image_ids = [value.decode() for value in store["image_ids"][row]]
+        spatial = store["spatial"][row]
+    return [project / "data/raw/images" / f"{image_id}.png" for image_id in image_ids], spatial
+
+
+def test_predict_features_equal_stage_features(project):
+    from pipeline.image_features import radiograph_study_features
+    from pipeline.predict import load_predictor
+
+    predictor = load_predictor(project)
+    settings = predictor.settings
+    paths, stored = _study_images(project, 0)
+    features, _ = radiograph_study_features(
+        predictor.forward, paths, settings.image_size, predictor.max_pixels, "spatial", settings.storage_dtype
+    )
+    # One float16 step: the stage ran the backbone on batches of 16 images, which changes
+    # the last bits of oneDNN's float32 results.
+    step = np.spacing(np.maximum(np.abs(features), np.abs(stored)))
+    assert (np.abs(features.astype(np.float32) - stored.astype(np.float32)) <= step).all()
+
+
+def test_predict_from_workspace_and_experiment(project, shared_data, tmp_path):
+    names = _experiment_names(project)
+    if "spatial" not in names:
+        _command(["dvc", "exp", "run", "-S", "model=spatial", "-S", "train.epochs=1"], project)
+        names = _experiment_names(project)
+    workspace_model = json.loads((project / "models/model.json").read_text())["model"]
+    if workspace_model == "spatial":
+        _command(["dvc", "exp", "run", "-S", "model=simple", "-S", "train.epochs=1"], project)
+        workspace_model = "simple"
+    image = sorted((shared_data / "nih-cxr-sample").glob("*.png"))[0]
+    tracked = {name: (project / name).read_bytes() for name in ("params.yaml", "dvc.lock", "models/model.json")}
+
+    cli = [sys.executable, "-m", "pipeline.cli", "predict", str(image), "--json"]
+    from_workspace = json.loads(_command(cli, project).stdout)
+    maps = tmp_path / "maps"
+    result = _command([*cli, "--experiment", names["spatial"], "--attention", str(maps)], project)
+    from_experiment = json.loads(result.stdout)
+
+    assert from_workspace["model"] == workspace_model
+    assert from_experiment["model"] == "spatial"
+    assert "WARNING: RANDOM WEIGHTS" in result.stderr
+    assert len(list(maps.glob("*.png"))) == len(from_experiment["tokens"])
+    assert {name: (project / name).read_bytes() for name in tracked} == tracked, "the workspace must not change"
+
+
+def test_score_gallery(project):
+    gallery = project / "metrics/gallery"
+    page = (gallery / "index.html").read_text()
+    scores = json.loads((project / "metrics/scores.json").read_text())
+    assert page.count("<section") == min(8, scores["studies"])
+    assert len(list(gallery.glob("*/view-1.png"))) == page.count("<section")
+    assert "RANDOM WEIGHTS" in page
+    if scores["model"] in ("attention", "spatial", "transformer"):
+        assert list(gallery.glob("*/01_*.png"))
+
+
 @pytest.fixture
 def restore_params(project):
     """Put params.yaml back after a failed experiment has left its change in the workspace."""

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import MODEL_NAMES, TrainParams
-from pipeline.decoding import greedy_decode
+from pipeline.decoding import greedy_decode, greedy_decode_with_details
 from pipeline.models import MODELS, AttentionReportGenerator, build_model, masked_loss
 from pipeline.tokenizer import END_ID, PAD_ID, START_ID
 
@@ -139,6 +139,21 @@ def test_greedy_decoding_recites_training_reports(overfit):
     name, model, features, reports, _ = overfit
     generated = greedy_decode(model, features, STEPS)
     np.testing.assert_array_equal(generated.token_ids, reports[:, 1:], err_msg=name)
+
+
+def test_detailed_decoding_matches_greedy(overfit):
+    name, model, features, reports, _ = overfit
+    details = greedy_decode_with_details(model, features, STEPS, batch_size=3)
+    np.testing.assert_array_equal(details.token_ids, greedy_decode(model, features, STEPS), err_msg=name)
+    finished = np.cumsum(details.token_ids == END_ID, axis=1) - (details.token_ids == END_ID) > 0
+    assert (details.log_probs <= 0).all()
+    assert (details.log_probs[finished] == 0).all(), "steps after <end> score 0"
+    assert details.log_probs[~finished].mean() > -0.1, "a memorised report is chosen with high probability"
+    if issubclass(MODELS[name], AttentionReportGenerator):
+        assert details.attention.shape == (8, STEPS, REGIONS[MODELS[name].feature_kind])
+        np.testing.assert_allclose(details.attention.sum(axis=2), 1.0, atol=1e-5)
+    else:
+        assert details.attention is None
 
 
 def test_saved_model_predicts_the_same(overfit, tmp_path):

@@ -47,7 +47,10 @@ def test_training_learns_and_saves(workspace, trained):
 @pytest.fixture(scope="module")
 def scored(workspace, trained):
     metrics_dir, plots_dir = workspace / "metrics", workspace / "plots"
-    scores = score.run(trained, workspace / "chexnet.h5", workspace / "text", workspace / "models", metrics_dir, plots_dir)
+    scores = score.run(
+        trained, workspace / "chexnet.h5", workspace / "text", workspace / "models", metrics_dir, plots_dir,
+        workspace / "images",
+    )
     return scores, pd.read_parquet(metrics_dir / "predictions.parquet")
 
 
@@ -111,3 +114,15 @@ def test_trained_beam_width_one_equals_greedy(workspace, trained):
     beam = beam_search_decode(model, data.features, max_steps=23, beam_width=1)
     np.testing.assert_array_equal(beam.token_ids, greedy.token_ids)
     np.testing.assert_allclose(beam.log_probs, greedy.log_probs, rtol=1e-4)
+
+
+def test_score_writes_gallery(workspace, scored):
+    _, predictions = scored
+    page = (workspace / "metrics" / "gallery" / "index.html").read_text()
+    assert page.count("<section") == 6
+    for study_id, greedy, beam in zip(predictions["study_id"], predictions["greedy"], predictions["beam"], strict=True):
+        assert f"<dt>Greedy</dt><dd>{greedy}</dd>" in page, study_id
+        assert f"<dt>Beam search</dt><dd>{beam}</dd>" in page, study_id
+    assert "RANDOM WEIGHTS" in page
+    assert "The simple model has no attention" in page
+    assert "Cardiomegaly" in page
