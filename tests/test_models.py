@@ -144,7 +144,7 @@ def test_greedy_decoding_recites_training_reports(overfit):
 def test_detailed_decoding_matches_greedy(overfit):
     name, model, features, reports, _ = overfit
     details = greedy_decode_with_details(model, features, STEPS, batch_size=3)
-    np.testing.assert_array_equal(details.token_ids, greedy_decode(model, features, STEPS), err_msg=name)
+    np.testing.assert_array_equal(details.token_ids, greedy_decode(model, features, STEPS).token_ids, err_msg=name)
     finished = np.cumsum(details.token_ids == END_ID, axis=1) - (details.token_ids == END_ID) > 0
     assert (details.log_probs <= 0).all()
     assert (details.log_probs[finished] == 0).all(), "steps after <end> score 0"

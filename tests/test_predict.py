@@ -67,7 +67,7 @@ def test_single_image_is_used_as_both_views(trained_workspace, predictor):
 def test_report_equals_greedy_decode(trained_workspace, predictor):
     paths, _, stored = _stored_study(trained_workspace, SINGLE_VIEW_STUDIES + 1)
     prediction = predictor.predict(*paths)
-    expected = greedy_decode(predictor.model, stored[None], predictor.tokenizer.max_length - 1)[0]
+    expected = greedy_decode(predictor.model, stored[None], predictor.tokenizer.max_length - 1).token_ids[0]
     assert prediction.words == predictor.tokenizer.decode(expected)
     assert prediction.token_ids == expected[: len(prediction.words)].tolist()
     assert len(prediction.words) > 3
