@@ -63,6 +63,8 @@ def run(
         store.restore_best(model, state)
 
     _save(model, model_dir, params, features_path)
+    # A run resumed after its last epoch trains nothing, and DVC has deleted the curve by then.
+    _write_learning_curve(state, plots_dir)
     _write_summary(state, params, metrics_dir)
     store.mark_complete(state)
 
