@@ -18,6 +18,8 @@ from pipeline.errors import PipelineError
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]"
+# Part of the feature cache key: bump it whenever a change here changes any output pixel.
+PREPROCESSING_VERSION = 1
 
 
 class ImageDecodeError(PipelineError, ValueError):
