@@ -27,10 +27,11 @@ from pipeline.extractor import ExtractorSettings, FeatureExtractor, ImageBatch
 
 logger = logging.getLogger(__name__)
 
-# Per worker process: models built so far, by model key, and how many times one was built.
+# Per worker process: models built so far, by model key, and counts for worker_stats().
 _MODELS: dict[str, FeatureExtractor] = {}
 _MODELS_LOCK = threading.Lock()
-_model_loads = 0
+_STATS = {"models_built": 0, "shards": 0, "images": 0}
+CONNECT_TIMEOUT_S = 30
 
 
 class SchedulerError(PipelineError, ConnectionError):
@@ -58,7 +59,7 @@ def compute_on_cluster(
     from dask.distributed import Client, as_completed
 
     try:
-        client = Client(address, timeout="30s")
+        client = Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
     except (OSError, TimeoutError) as error:
         raise SchedulerError(
             f"featurize.scheduler {address}: could not connect to the dask scheduler ({error}); start it with "
@@ -88,22 +89,26 @@ def featurize_shard(
 ) -> list[ImageBatch]:
     """Run on a worker: return the features of ``(sha256, path)`` items, batch by batch."""
     extractor = _worker_extractor(payload, settings, decode_threads)
-    return list(extractor.run([(key, Path(path)) for key, path in items]))
+    batches = list(extractor.run([(key, Path(path)) for key, path in items]))
+    with _MODELS_LOCK:
+        _STATS["shards"] += 1
+        _STATS["images"] += len(items)
+    return batches
 
 
 def _worker_extractor(payload: ModelPayload, settings: ExtractorSettings, decode_threads: int) -> FeatureExtractor:
-    global _model_loads
     model_key = f"{payload.key}/{settings}"
     with _MODELS_LOCK:
         if model_key not in _MODELS:
             backbone = keras.models.model_from_json(payload.config_json)
             backbone.set_weights(payload.weights)
             _MODELS[model_key] = FeatureExtractor(backbone, settings, decode_threads)
-            _model_loads += 1
+            _STATS["models_built"] += 1
             logger.info("worker: built the model %s", payload.key)
         return _MODELS[model_key]
 
 
-def model_loads() -> int:
-    """Return how many models this worker process has built; for tests and monitoring."""
-    return _model_loads
+def worker_stats() -> dict[str, int]:
+    """Return this worker process's counts: models built, shards and images computed."""
+    with _MODELS_LOCK:
+        return dict(_STATS)
