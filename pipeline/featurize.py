@@ -41,6 +41,7 @@ from pipeline.config import FeaturizeParams
 from pipeline.extractor import CHANNELS, ExtractorSettings, FeatureExtractor
 from pipeline.feature_cache import FeatureCache, FileHashes
 from pipeline.images import NORMALISATION, PREPROCESSING_VERSION
+from pipeline.logs import log_duration
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class Featurizer:
                 self._compute(cache, todo)
             status = cache.status([key for key in hashes.values() if key])
             failed = _log_failures(image_ids, hashes, status)
-            with atomic_path(output_path) as temporary:
+            with log_duration(logger, f"featurize: write {output_path}"), atomic_path(output_path) as temporary:
                 written = write_study_features(temporary, studies["study_id"].tolist(), view_ids, hashes, status, cache, self.params)
                 _write_attrs(temporary, self.params, self.info, _standin_images(manifest_path), cache.key)
         summary = FeaturizeSummary(len(image_ids), cached, len(todo), failed, len(studies), written)
@@ -216,7 +217,7 @@ def write_study_features(
     rows, used_ids, single = _choose_views(study_ids, view_ids, usable)
     count = len(rows)
     used_hashes = [[hashes[image_id] for image_id in pair] for pair in used_ids]
-    with h5py.File(path, "w", track_order=True) as store:
+    with _create_file(path) as store:
         _create_datasets(store, count, cache.cells, params)
         store["study_id"][:] = np.array([study_ids[row] for row in rows], dtype=object)
         store["image_ids"][:] = np.array(used_ids, dtype=object).reshape(count, VIEWS)
@@ -229,6 +230,14 @@ def write_study_features(
             store["pooled"][start : start + len(block)] = pooled.reshape(len(block), VIEWS, CHANNELS)
             store["spatial"][start : start + len(block)] = spatial.reshape(len(block), VIEWS * cache.cells, CHANNELS)
     return count
+
+
+def _create_file(path: Path) -> h5py.File:
+    """Create an HDF5 file without modification times, so the same content gives the same bytes."""
+    properties = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    properties.set_obj_track_times(False)
+    properties.set_link_creation_order(h5py.h5p.CRT_ORDER_TRACKED | h5py.h5p.CRT_ORDER_INDEXED)
+    return h5py.File(h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=properties))
 
 
 def _create_datasets(store: h5py.File, count: int, cells: int, params: FeaturizeParams) -> None:

@@ -95,6 +95,7 @@ def test_feature_store(project):
         assert store.attrs["random_weights"]
         assert store.attrs["standin_images"]
         assert np.isfinite(store["spatial"][:]).all()
+    assert list((project / "features/cache").glob("*/shards/*.h5"))
 
 
 def test_text_artifacts(project):
@@ -122,6 +123,14 @@ def test_scores_and_predictions(project):
 def test_repro_again_is_up_to_date(project):
     status = _command(["dvc", "status"], project)
     assert "up to date" in status.stdout
+
+
+def test_forced_featurize_reuses_cache(project):
+    before = (project / "features/chexnet.h5").read_bytes()
+    result = _command(["dvc", "repro", "-f", "-s", "featurize"], project)
+    assert "0 to compute" in result.stdout + result.stderr
+    assert (project / "features/chexnet.h5").read_bytes() == before
+    assert "up to date" in _command(["dvc", "status"], project).stdout
 
 
 def test_experiment_run_with_model_param(project):

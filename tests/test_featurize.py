@@ -149,6 +149,7 @@ def test_rerun_computes_nothing_and_repeats(stage_output):
     assert first_attrs == second_attrs
     for name, values in first_data.items():
         np.testing.assert_array_equal(values, second_data[name], err_msg=name)
+    assert output.read_bytes() == again.read_bytes()
 
 
 def test_new_studies_compute_only_new_images(tmp_path):
