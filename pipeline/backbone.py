@@ -44,7 +44,7 @@ CONVERSION_VERSION = 1
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """What produced a set of features, recorded in every artifact downstream."""
+    """Provenance of a set of features: weights kind, source and sha256, recorded downstream."""
 
     weights: str  # "chexnet" (Keras HDF5), "pytorch", "imagenet" or "random"
     source: str  # the file path, the Keras cache file, or "seed=0"

@@ -1,9 +1,9 @@
 """Compute features on a dask.distributed cluster; the calling process stores the results.
 
 The client broadcasts the model (its Keras JSON config and weight arrays) to every worker
-once. Each task is a shard of ``task_batches * batch_size`` images; a worker builds the
-model the first time it sees it, keeps it for later tasks, and returns the features of
-each batch. The client writes every returned batch into the per-image cache as it
+once. Each task is a shard of ``task_batches * batch_size`` images. A worker builds the
+model for its first task, keeps it for later tasks, and returns the features of each
+batch. The client writes every returned batch into the per-image cache as it
 arrives, so a run stopped half-way resumes from the finished shards, as a local run does.
 
 Workers read images by path: the image folder must be visible to every worker at the

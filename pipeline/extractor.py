@@ -1,11 +1,11 @@
 """Batched DenseNet-121 inference over radiograph files, with decoding overlapped.
 
 :class:`FeatureExtractor` compiles one forward function for a fixed batch shape. Every
-batch, the last one included, is padded to ``batch_size`` images, so an image's features
-do not depend on which images share its batch or how many there are: oneDNN picks its
-kernels by input shape, and a smaller batch can round differently in the last bit.
+batch, the last one included, is padded to ``batch_size`` images. oneDNN picks its kernels
+by input shape, and a smaller batch can round differently in the last bit, so the padding
+makes an image's features independent of the other images in its batch.
 
-Threads decode and resize the next batches while the model runs on the current one;
+Threads decode and resize the next batches while the model runs on the current one.
 Pillow and NumPy release the GIL for that work, and so does TensorFlow while it runs.
 """
 
@@ -57,7 +57,8 @@ class ImageBatch:
     """Features of up to ``batch_size`` images, in the order they were given.
 
     ``pooled`` is (images, 1024) and ``spatial`` (images, cells, 1024), both in the
-    storage dtype. Rows whose ``ok`` is False hold zeros, and ``errors`` says why.
+    storage dtype. Rows whose ``ok`` is False contain zeros, and ``errors`` contains the
+    decode error of each image (empty when it decoded).
     """
 
     keys: list[str]
@@ -147,7 +148,7 @@ def decode_batches(
     """Decode ``paths`` in batches on a thread pool, ``prefetch_batches`` ahead of the consumer.
 
     Yields ``(start, stop, pixels, errors)``: pixels is float32 (batch_size, size, size, 3)
-    with zeros after row ``stop - start`` and in rows that failed; ``errors`` holds one
+    with zeros after row ``stop - start`` and in rows that failed. ``errors`` contains one
     message per image, empty when it decoded.
     """
     batch_size = settings.batch_size

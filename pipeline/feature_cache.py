@@ -11,8 +11,8 @@ Layout under ``features/cache/``::
 An image's features are found by its content sha256 inside the folder of the settings
 key, so new images are the only ones computed, and other weights or settings start an
 empty folder. Each shard is written to a temporary name, flushed to disk and renamed
-before its index rows are committed; a run killed at any moment leaves at most a
-temporary file, which the next run deletes, or a shard not yet indexed, which the next
+before its index rows are committed. A run killed at any moment therefore leaves at most
+a temporary file, which the next run deletes, or a shard not yet indexed, which the next
 run indexes. A lock file keeps two runs from writing one folder at once.
 """
 
@@ -68,6 +68,14 @@ class FeatureCache:
     def __enter__(self) -> FeatureCache:
         (self.folder / "shards").mkdir(parents=True, exist_ok=True)
         self._lock()
+        try:
+            self._open_index()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _open_index(self) -> None:
         settings_path = self.folder / "settings.json"
         if not settings_path.exists():
             write_text(settings_path, json.dumps(self.description, indent=2, sort_keys=True) + "\n")
@@ -79,7 +87,6 @@ class FeatureCache:
             "row INTEGER NOT NULL, ok INTEGER NOT NULL, error TEXT NOT NULL)"
         )
         self._repair()
-        return self
 
     def __exit__(self, *exc_info) -> None:
         if self._index is not None:
@@ -148,7 +155,7 @@ class FeatureCache:
             )
 
     def contains(self, keys: Iterable[str]) -> set[str]:
-        """Return the subset of image sha256 keys that the cache holds, decoded or not."""
+        """Return the image sha256 keys that the cache contains, decoded or not."""
         found: set[str] = set()
         for chunk in _chunks(list(keys), _QUERY_CHUNK):
             marks = ",".join("?" * len(chunk))

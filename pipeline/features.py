@@ -18,7 +18,7 @@ import tensorflow as tf
 from pipeline.errors import PipelineError
 
 FEATURE_KINDS = ("pooled", "spatial")
-READ_BLOCK = 64  # studies per read when streaming; one pooled chunk holds 64 studies
+READ_BLOCK = 64  # studies per read when streaming; one pooled chunk contains 64 studies
 
 
 class FeatureStoreError(PipelineError, ValueError):
@@ -62,7 +62,7 @@ class FeatureStore:
         return {key: _plain(value) for key, value in self._file.attrs.items()}
 
     def dataset_attrs(self, name: str) -> dict:
-        """The attributes of one dataset, such as ``description`` and ``dimensions``."""
+        """Return the attributes of one dataset, such as ``description`` and ``dimensions``."""
         return {key: _plain(value) for key, value in self._file[name].attrs.items()}
 
     def __len__(self) -> int:

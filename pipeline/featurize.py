@@ -1,6 +1,6 @@
 """The featurize stage: radiographs to DenseNet-121 features in HDF5, through a per-image cache.
 
-Output ``features/chexnet.h5`` holds one row per study, in the order of ``studies.parquet``:
+Output ``features/chexnet.h5`` contains one row per study, in the order of ``studies.parquet``:
 
 * ``study_id`` (studies,) string
 * ``image_ids`` (studies, 2) string: the two views, frontal first when views are labelled
@@ -241,7 +241,7 @@ def _create_file(path: Path) -> h5py.File:
 
 
 def _create_datasets(store: h5py.File, count: int, cells: int, params: FeaturizeParams) -> None:
-    """Create the output datasets: one chunk holds a study's spatial block, or 64 studies' pooled rows."""
+    """Create the output datasets: one chunk contains a study's spatial block, or 64 studies' pooled rows."""
     text = h5py.string_dtype()
     compression = None if params.compression == "none" else params.compression
     shuffle = compression == "gzip"

@@ -118,7 +118,7 @@ def assign_weights(model: keras.Model, pairs: list[tuple[str, np.ndarray]], sour
     else:
         missing = next(name for name, _ in targets if comparable_name(name) not in by_name)
         raise WeightsError(
-            f"{source}: holds {len(pairs)} weights, the model expects {len(targets)}, and the names differ "
+            f"{source}: contains {len(pairs)} weights, the model expects {len(targets)}, and the names differ "
             f"(no weight for {missing}). Expected DenseNet-121 plus a Dense(14) sigmoid head"
         )
     for (name, variable), value in zip(targets, values, strict=True):

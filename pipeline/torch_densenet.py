@@ -37,7 +37,7 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
 
     Accepts a bare state dict or a checkpoint dict with a ``state_dict`` or
     ``model_state_dict`` entry. Raises WeightsError when torch is missing or the file
-    holds a whole pickled model.
+    contains a whole pickled model.
     """
     try:
         import torch

@@ -112,7 +112,7 @@ def test_wrong_architecture_names_expected_format(tmp_path, reference):
     with h5py.File(path, "a") as handle:
         names = [name for name in handle.attrs["layer_names"] if name != b"conv5_block16_2_conv"]
         handle.attrs["layer_names"] = np.array(names)
-    with pytest.raises(WeightsError, match=r"holds 603 weights, the model expects 604"):
+    with pytest.raises(WeightsError, match=r"contains 603 weights, the model expects 604"):
         build_feature_extractor(str(path), SIZE)
 
 
