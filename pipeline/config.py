@@ -89,7 +89,7 @@ class FeaturizeParams(_Section):
     )
     storage_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored features")
     compression: Literal["none", "lzf", "gzip"] = Field(
-        "lzf", description="HDF5 filter for features/chexnet.h5 and the cache shards"
+        "none", description="HDF5 filter for features/chexnet.h5 and the cache shards"
     )
     decode_threads: int = Field(2, ge=1, description="threads that decode and resize images while the model runs")
     scheduler: str | None = Field(

@@ -27,11 +27,14 @@ class FeatureStoreError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class StudyFeatures:
-    """One study's features: pooled (2, 1024) and spatial (2 * cells, 1024), in the stored dtype."""
+    """One study's features: pooled (2, 1024) and spatial (2 * cells, 1024), in the stored dtype.
+
+    ``image_ids`` and ``single_view`` are None for files written before those datasets existed.
+    """
 
     study_id: str
-    image_ids: tuple[str, str]
-    single_view: bool
+    image_ids: tuple[str, str] | None
+    single_view: bool | None
     pooled: np.ndarray
     spatial: np.ndarray
 
@@ -49,10 +52,9 @@ class FeatureStore:
         if not self.path.is_file():
             raise FeatureStoreError(f"{self.path}: features file not found; run 'dvc repro featurize' first")
         self._file = h5py.File(self.path, "r")
-        missing = [name for name in ("study_id", "image_ids", "single_view", *FEATURE_KINDS) if name not in self._file]
-        if missing:
+        if "study_id" not in self._file:
             self._file.close()
-            raise FeatureStoreError(f"{self.path}: missing datasets {missing}; rerun the featurize stage")
+            raise FeatureStoreError(f"{self.path}: no 'study_id' dataset; rerun the featurize stage")
         self.study_ids: list[str] = [_text(value) for value in self._file["study_id"][:]]
         self._rows = {study_id: row for row, study_id in enumerate(self.study_ids)}
 
@@ -76,13 +78,10 @@ class FeatureStore:
 
     def __getitem__(self, study_id: str) -> StudyFeatures:
         row = self._row(study_id)
-        return StudyFeatures(
-            study_id,
-            tuple(_text(value) for value in self._file["image_ids"][row]),
-            bool(self._file["single_view"][row]),
-            self._file["pooled"][row],
-            self._file["spatial"][row],
-        )
+        image_ids = tuple(_text(value) for value in self._file["image_ids"][row]) if "image_ids" in self._file else None
+        single_view = bool(self._file["single_view"][row]) if "single_view" in self._file else None
+        pooled, spatial = (self._dataset(kind)[row] for kind in FEATURE_KINDS)
+        return StudyFeatures(study_id, image_ids, single_view, pooled, spatial)
 
     def get(self, study_id: str, default: StudyFeatures | None = None) -> StudyFeatures | None:
         """Return the study's features, or ``default`` when the file does not hold the study."""
@@ -90,7 +89,7 @@ class FeatureStore:
 
     def read(self, study_ids: Sequence[str], kind: str) -> np.ndarray:
         """Read ``kind`` features of many studies: (studies, regions, 1024) in ``study_ids`` order."""
-        dataset = self._file[_check_kind(kind)]
+        dataset = self._dataset(kind)
         rows = np.array([self._row(study_id) for study_id in study_ids], dtype=np.int64)
         return _read_rows(dataset, rows)
 
@@ -101,7 +100,7 @@ class FeatureStore:
         not grow with the number of studies and the store may be closed meanwhile.
         """
         rows = np.array([self._row(study_id) for study_id in study_ids], dtype=np.int64)
-        shape = self._file[_check_kind(kind)].shape[1:]
+        shape = self._dataset(kind).shape[1:]
         path = str(self.path)
 
         def generate() -> Iterator[np.ndarray]:
@@ -110,6 +109,13 @@ class FeatureStore:
                     yield from _read_rows(handle[kind], rows[start : start + READ_BLOCK]).astype(np.float32)
 
         return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec(shape, tf.float32))
+
+    def _dataset(self, kind: str) -> h5py.Dataset:
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
+        if kind not in self._file:
+            raise FeatureStoreError(f"{self.path}: no {kind!r} dataset; rerun the featurize stage")
+        return self._file[kind]
 
     def _row(self, study_id: str) -> int:
         row = self._rows.get(study_id)
@@ -125,12 +131,6 @@ class FeatureStore:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _check_kind(kind: str) -> str:
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
-    return kind
 
 
 def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

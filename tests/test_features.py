@@ -65,3 +65,14 @@ def test_unknown_kind_and_missing_file(features_path, tmp_path):
             store.read(["CXR2_IM-0652"], "global")
     with pytest.raises(FeatureStoreError, match="dvc repro featurize"):
         open_features(tmp_path / "absent.h5")
+
+
+def test_file_without_view_datasets(tmp_path):
+    path = tmp_path / "older.h5"
+    with h5py.File(path, "w") as raw:
+        raw["study_id"] = np.array([b"CXR1_IM-0001"])
+        raw["pooled"] = np.ones((1, 2, 1024), np.float16)
+    with open_features(path) as store:
+        assert store.read(["CXR1_IM-0001"], "pooled").shape == (1, 2, 1024)
+        with pytest.raises(FeatureStoreError, match="no 'spatial' dataset"):
+            store.read(["CXR1_IM-0001"], "spatial")

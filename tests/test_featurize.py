@@ -107,7 +107,21 @@ def test_one_chunk_per_study(stage_output):
     with h5py.File(output, "r") as store:
         assert store["spatial"].chunks == (1, 8, 1024)
         assert store["pooled"].chunks[1:] == (2, 1024)
-        assert store["spatial"].compression == PARAMS.compression
+        assert store["spatial"].compression is None
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+def test_compression_keeps_values(stage_output, compression):
+    tree, output, _ = stage_output
+    compressed, summary = run_stage(tree, f"{compression}.h5", params=PARAMS.model_copy(update={"compression": compression}))
+    assert summary.computed == 0
+    plain_data, _ = read_all(output)
+    compressed_data, attrs = read_all(compressed)
+    assert attrs["compression"] == compression
+    with h5py.File(compressed, "r") as store:
+        assert store["spatial"].compression == compression
+    for name, values in plain_data.items():
+        np.testing.assert_array_equal(compressed_data[name], values, err_msg=name)
 
 
 def test_pooled_is_mean_of_spatial(stage_output):
