@@ -180,7 +180,7 @@ def decode_batches(
 
 def _decode_into(pixels: np.ndarray, slot: int, path: Path, settings: ExtractorSettings) -> str:
     try:
-        pixels[slot] = preprocess_radiograph(path, settings.image_size, settings.max_pixels)
+        preprocess_radiograph(path, settings.image_size, settings.max_pixels, out=pixels[slot])
     except ImageDecodeError as error:
         return str(error)
     return ""

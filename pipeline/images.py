@@ -19,7 +19,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]"
 # Part of the feature cache key: bump it whenever a change here changes any output pixel.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 
 
 class ImageDecodeError(PipelineError, ValueError):
@@ -33,6 +33,12 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
     reads. Returns a float32 array of shape (height, width) with values in [0, 1].
     Raises ImageDecodeError for empty, truncated, non-image or oversized files.
     """
+    image, full_scale = _decode_gray(path, max_pixels)
+    return np.clip(np.asarray(image, dtype=np.float32) / full_scale, 0.0, 1.0)
+
+
+def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]:
+    """Decode to a mode "F" image and the value that means full intensity (255, 65535 or 1)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
@@ -43,27 +49,26 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
                     "(featurize.max_pixels); raise the limit if the image is genuine"
                 )
             image.load()
-            return _to_unit_gray(image)
+            return _to_float_gray(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageDecodeError(f"{path}: not a readable image ({error})") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"{path}: rejected as a decompression bomb ({error})") from None
 
 
-def _to_unit_gray(image: Image.Image) -> np.ndarray:
+def _to_float_gray(image: Image.Image) -> tuple[Image.Image, float]:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         pixels = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        return np.clip(pixels / scale, 0.0, 1.0)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        return Image.fromarray(pixels, mode="F"), full_scale
     if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float32)
-        return np.clip(pixels, 0.0, 1.0)
+        return image.copy(), 1.0
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
-    gray = image.convert("L")
-    return np.asarray(gray, dtype=np.float32) / 255.0
+    gray = image if image.mode == "L" else image.convert("L")
+    return gray.convert("F"), 255.0
 
 
 def resize_and_normalise(gray: np.ndarray, image_size: int) -> np.ndarray:
@@ -73,12 +78,26 @@ def resize_and_normalise(gray: np.ndarray, image_size: int) -> np.ndarray:
     (image_size, image_size, 3): the gray channel copied to R, G and B, then normalised
     with IMAGENET_MEAN and IMAGENET_STD. The aspect ratio is not kept, as in CheXNet.
     """
-    image = Image.fromarray(gray, mode="F").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    resized = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    rgb = np.repeat(resized[:, :, None], 3, axis=2)
-    return (rgb - IMAGENET_MEAN) / IMAGENET_STD
+    return _resize_and_normalise(Image.fromarray(gray, mode="F"), 1.0, image_size)
 
 
-def preprocess_radiograph(path: Path | str, image_size: int, max_pixels: int) -> np.ndarray:
-    """Decode, resize and normalise one radiograph: float32 (image_size, image_size, 3)."""
-    return resize_and_normalise(read_radiograph(path, max_pixels), image_size)
+def _resize_and_normalise(image: Image.Image, full_scale: float, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    gray = np.asarray(resized, dtype=np.float32) / np.float32(full_scale)
+    np.clip(gray, 0.0, 1.0, out=gray)
+    if out is None:
+        out = np.empty((image_size, image_size, 3), np.float32)
+    for channel in range(3):
+        np.subtract(gray, IMAGENET_MEAN[channel], out=out[:, :, channel])
+        np.divide(out[:, :, channel], IMAGENET_STD[channel], out=out[:, :, channel])
+    return out
+
+
+def preprocess_radiograph(path: Path | str, image_size: int, max_pixels: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode, resize and normalise one radiograph: float32 (image_size, image_size, 3).
+
+    Resizing happens before scaling to [0, 1], which saves a pass over the full-size image.
+    ``out``, if given, is filled in place (a row of a batch) and returned.
+    """
+    image, full_scale = _decode_gray(path, max_pixels)
+    return _resize_and_normalise(image, full_scale, image_size, out)

@@ -66,3 +66,21 @@ def test_jpeg_named_png_decodes(tmp_path):
     path = tmp_path / "really-a-jpeg.png"
     Image.fromarray(_gradient(), "L").save(path, format="JPEG", quality=95)
     assert read_radiograph(path, LIMIT).shape == (30, 40)
+
+
+def test_preprocess_fills_given_buffer(tmp_path):
+    path = tmp_path / "gradient.png"
+    Image.fromarray(_gradient((300, 200)), "L").save(path)
+    batch = np.zeros((2, 32, 32, 3), np.float32)
+    returned = preprocess_radiograph(path, 32, LIMIT, out=batch[1])
+    assert np.shares_memory(returned, batch)
+    np.testing.assert_array_equal(batch[1], preprocess_radiograph(path, 32, LIMIT))
+    assert not batch[0].any()
+
+
+def test_16_bit_preprocess_matches_8_bit(tmp_path):
+    gray = _gradient((300, 200))
+    eight, sixteen = tmp_path / "eight.png", tmp_path / "sixteen.png"
+    Image.fromarray(gray, "L").save(eight)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
+    np.testing.assert_allclose(preprocess_radiograph(sixteen, 32, LIMIT), preprocess_radiograph(eight, 32, LIMIT), atol=1e-5)
