@@ -138,6 +138,7 @@ class Featurizer:
 
         compression = None if self.params.compression == "none" else self.params.compression
         with FeatureCache(cache_dir, self.description, self.settings.cells, self.params.storage_dtype, compression) as cache:
+            _remove_stale_outputs(Path(output_path))
             todo = _images_to_compute(cache, image_ids, paths, hashes)
             cached = len({key for key in hashes.values() if key}) - len(todo)
             logger.info("featurize: %d distinct images: %d cached, %d to compute", len(image_ids), cached, len(todo))
@@ -176,6 +177,13 @@ class Featurizer:
                     pending.popleft().result()
             for future in pending:
                 future.result()
+
+
+def _remove_stale_outputs(output_path: Path) -> None:
+    """Delete temporary output files that a killed run left beside ``output_path``."""
+    for stale in output_path.parent.glob(f".{output_path.name}.*.tmp*"):
+        stale.unlink(missing_ok=True)
+        logger.info("featurize: removed %s, left by an interrupted run", stale)
 
 
 def _images_to_compute(

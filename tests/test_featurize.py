@@ -224,6 +224,15 @@ def test_second_writer_is_rejected(tmp_path):
             run_stage(tree, "second.h5")
 
 
+def test_stale_temporary_output_removed(tmp_path):
+    tree = make_tree(tmp_path)
+    stale = tree / ".chexnet.h5.abc123.tmp.h5"
+    stale.write_bytes(b"half-written by a killed run")
+    run_stage(tree)
+    assert not stale.exists()
+    assert (tree / "chexnet.h5").exists()
+
+
 def test_lost_shard_is_recomputed(tmp_path):
     tree = make_tree(tmp_path)
     run_stage(tree)
