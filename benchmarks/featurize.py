@@ -141,8 +141,10 @@ def measure_precision(precision: str, paths: list[Path], pixels: np.ndarray, wor
         bare = (first_forward + forward()) / 2
         rounds.append({"stage": stage, "forward": bare, "naive": naive_rate,
                        "fraction_of_forward": stage / bare, "speedup_vs_naive": stage / naive_rate})
-        print(f"  {precision} round {round_index + 1}: stage {stage:.1f}, forward {bare:.1f}, naive {naive_rate:.1f} "
-              f"images/s; stage/forward {stage / bare:.3f}, stage/naive {stage / naive_rate:.2f}", flush=True)
+        naive_text = f", naive {naive_rate:.1f}" if naive else ""
+        ratio_text = f", stage/naive {stage / naive_rate:.2f}" if naive else ""
+        print(f"  {precision} round {round_index + 1}: stage {stage:.1f}, forward {bare:.1f}{naive_text} images/s; "
+              f"stage/forward {stage / bare:.3f}{ratio_text}", flush=True)
     medians = {name: float(np.median([entry[name] for entry in rounds])) for name in rounds[0]}
     return {**medians, "featurizer": featurizer, "project": project}
 
