@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def stage_command(name: str) -> Callable:
                 # Missing inputs, a full disk or a read-only folder: the user's to fix, not a bug.
                 logger.debug("stage %s failed", name, exc_info=True)
                 raise click.ClickException(f"{name}: {describe_os_error(error)}") from None
+            except sqlite3.Error as error:
+                # Only the feature cache's index uses SQLite; a full disk shows up here as "disk I/O error".
+                logger.debug("stage %s failed", name, exc_info=True)
+                raise click.ClickException(
+                    f"{name}: the feature cache index under features/cache failed ({error}); "
+                    "free disk space and make the folder writable, or delete features/cache to rebuild it"
+                ) from None
 
         return command
 

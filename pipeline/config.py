@@ -77,11 +77,29 @@ class SplitParams(_Section):
 class FeaturizeParams(_Section):
     """How radiographs become CheXNet features."""
 
-    weights: str = Field("imagenet", description="path to CheXNet weights (.h5), 'imagenet', or 'random'")
+    weights: str = Field(
+        "imagenet",
+        description="path to CheXNet weights (Keras 2 .h5, or a PyTorch DenseNet-121 state dict), 'imagenet', or 'random'",
+    )
     image_size: int = Field(224, ge=32, description="side of the square model input, in pixels")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per forward pass; part of the cache key, as results can differ in the last bit")
     max_pixels: int = Field(50_000_000, gt=0, description="larger decoded images are skipped as decompression bombs")
-    storage_dtype: Literal["float16", "float32"] = "float16"
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the model computes in; bfloat16 is faster on CPUs with AVX512-BF16 or AMX"
+    )
+    storage_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored features")
+    compression: Literal["none", "lzf", "gzip"] = Field(
+        "none", description="HDF5 filter for features/chexnet.h5 and the cache shards"
+    )
+    decode_threads: int = Field(2, ge=1, description="threads that decode and resize images while the model runs")
+    scheduler: str | None = Field(
+        None,
+        description=(
+            "dask.distributed scheduler address (e.g. tcp://10.0.0.5:8786) that computes the features on its "
+            "workers; null computes them in this process"
+        ),
+    )
+    task_batches: int = Field(8, ge=1, description="batches of images in one dask task")
 
 
 class TokenizeParams(_Section):

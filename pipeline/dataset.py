@@ -6,10 +6,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+
+from pipeline.features import open_features
 
 logger = logging.getLogger(__name__)
 
@@ -35,29 +36,16 @@ def load_split(features_path: Path, targets_path: Path, split: str, feature_kind
     """
     targets = pd.read_parquet(targets_path)
     targets = targets.loc[targets["split"] == split]
-    with h5py.File(features_path, "r") as store:
-        stored_ids = [value.decode() if isinstance(value, bytes) else value for value in store["study_id"][:]]
-        row_of = {study_id: row for row, study_id in enumerate(stored_ids)}
-        has_features = targets["study_id"].isin(row_of)
+    with open_features(features_path) as store:
+        has_features = targets["study_id"].isin(store.study_ids)
         missing = int((~has_features).sum())
         targets = targets.loc[has_features].sort_values("study_id")
-        rows = np.array([row_of[study_id] for study_id in targets["study_id"]], dtype=np.int64)
-        features = _read_rows(store[feature_kind], rows)
+        features = store.read(targets["study_id"].tolist(), feature_kind)
     if missing:
         logger.warning("%s split: %d studies have text but no features and are left out", split, missing)
     token_ids = np.stack(targets["token_ids"].to_numpy()).astype(np.int32) if len(targets) else np.zeros((0, 0), np.int32)
     logger.info("%s split: %d studies with features and text", split, len(targets))
     return SplitData(targets["study_id"].tolist(), features, token_ids, targets["text"].tolist())
-
-
-def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Read rows in any order; h5py needs increasing indices, so read sorted and reorder."""
-    if rows.size == 0:
-        return np.zeros((0, *dataset.shape[1:]), dataset.dtype)
-    order = np.argsort(rows)
-    values = np.empty((rows.size, *dataset.shape[1:]), dataset.dtype)
-    values[order] = dataset[rows[order]]
-    return values
 
 
 def teacher_forcing_dataset(data: SplitData, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:

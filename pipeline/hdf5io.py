@@ -70,18 +70,12 @@ class _DeferredErrorFile(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def open_for_writing(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[h5py.File]:
-    """Open ``path`` with h5py for writing ("w" creates or truncates, "a" appends to an existing file).
-
-    Raises the first OSError of any write once the file is closed. ``kwargs`` go to h5py.File.
-    """
-    if mode not in ("w", "a"):
-        raise ValueError(f"mode must be 'w' or 'a', not {mode!r}")
+def _deferred_errors(path: Path | str, mode: str) -> Iterator[_DeferredErrorFile]:
+    """Open ``path`` as a _DeferredErrorFile and raise its first write error on the way out."""
     with open(path, "w+b" if mode == "w" else "r+b", buffering=0) as raw:
         deferred = _DeferredErrorFile(raw)
         try:
-            with h5py.File(deferred, mode, **kwargs) as store:
-                yield store
+            yield deferred
         except Exception:
             # HDF5 may fail on data it could not write; the write error is the cause to report.
             if deferred.error is not None:
@@ -89,3 +83,35 @@ def open_for_writing(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterat
             raise
         if deferred.error is not None:
             raise deferred.error
+
+
+@contextlib.contextmanager
+def open_for_writing(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[h5py.File]:
+    """Open ``path`` with h5py for writing ("w" creates or truncates, "a" appends to an existing file).
+
+    Raises the first OSError of any write once the file is closed. ``kwargs`` go to h5py.File.
+    """
+    if mode not in ("w", "a"):
+        raise ValueError(f"mode must be 'w' or 'a', not {mode!r}")
+    with _deferred_errors(path, mode) as deferred, h5py.File(deferred, mode, **kwargs) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def create_reproducible(path: Path | str) -> Iterator[h5py.File]:
+    """Create ``path`` as open_for_writing does, but with no modification times in the file.
+
+    HDF5 stores a time in every object header by default, so two runs that write the same
+    data give different bytes. This file records none and tracks link creation order, so
+    the same content always gives the same bytes.
+    """
+    with _deferred_errors(path, "w") as deferred:
+        create = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+        create.set_obj_track_times(False)
+        create.set_link_creation_order(h5py.h5p.CRT_ORDER_TRACKED | h5py.h5p.CRT_ORDER_INDEXED)
+        access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        access.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)
+        access.set_fileobj_driver(h5py.h5fd.fileobj_driver, deferred)
+        identifier = h5py.h5f.create(str(path).encode(), h5py.h5f.ACC_TRUNC, fcpl=create, fapl=access)
+        with h5py.File(identifier) as store:
+            yield store

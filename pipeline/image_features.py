@@ -1,55 +1,39 @@
 """DenseNet-121 features of radiographs, shared by the featurize stage and by prediction.
 
-The featurize stage and ``cxrgen predict`` (and the web page) compute features with these
-functions, so a study uploaded by a user is encoded exactly as the studies the model was
+The featurize stage and ``cxrgen predict`` (and the web page) compute features with the
+same code, so a study uploaded by a user is encoded exactly as the studies the model was
 trained on: the same preprocessing (``pipeline.images.preprocess_radiograph``), the same
-forward pass, the same choice of views and the same storage dtype.
+``FeatureExtractor`` (precision and batch shape included), the same choice of views and
+the same storage dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import keras
 import numpy as np
-import tensorflow as tf
 
+from pipeline.extractor import CHANNELS, FeatureExtractor
 from pipeline.images import preprocess_radiograph
 
 VIEWS = 2
-CHANNELS = 1024
 
 View = TypeVar("View")
-Forward = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
-def compiled_forward(backbone: keras.Model) -> Forward:
-    """Compile the backbone's forward pass.
-
-    The returned function maps pixels float32 (batch, size, size, 3) to the spatial grid
-    (batch, s, s, 1024) and its global average (batch, 1024), with s = size / 32.
-    """
-
-    @tf.function(reduce_retracing=True)
-    def forward(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        spatial = backbone(pixels, training=False)
-        return spatial, tf.reduce_mean(spatial, axis=[1, 2])
-
-    return forward
-
-
-def image_features(forward: Forward, pixels: np.ndarray | tf.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Compute the features of a batch of preprocessed radiographs.
+def image_features(extractor: FeatureExtractor, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Compute the features of preprocessed radiographs with the featurize stage's extractor.
 
     ``pixels`` float32 (images, size, size, 3) from ``preprocess_radiograph``. Returns
-    pooled float32 (images, 1024) and spatial float32 (images, s*s, 1024): the s x s grid
-    in row-major order.
+    pooled (images, 1024) and spatial (images, s*s, 1024) in the storage dtype, the s x s
+    grid in row-major order. The extractor pads every batch to its batch size, so the
+    features equal those the stage stores for the same images.
     """
-    spatial, pooled = forward(tf.convert_to_tensor(pixels, tf.float32))
-    spatial = spatial.numpy()
-    return pooled.numpy(), spatial.reshape(spatial.shape[0], -1, spatial.shape[-1])
+    batch_size = extractor.settings.batch_size
+    parts = [extractor.forward(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)]
+    return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
 
 def pair_views(usable: Sequence[View]) -> tuple[list[View], bool]:
@@ -84,21 +68,17 @@ def study_features(pooled: np.ndarray, spatial: np.ndarray, feature_kind: str, s
 
 
 def radiograph_study_features(
-    forward: Forward,
-    paths: Sequence[Path | str],
-    image_size: int,
-    max_pixels: int,
-    feature_kind: str,
-    storage_dtype: str,
+    extractor: FeatureExtractor, paths: Sequence[Path | str], max_pixels: int, feature_kind: str
 ) -> tuple[np.ndarray, bool]:
     """Compute one study's model input from one or two radiograph files, frontal first.
 
     Returns the features as ``study_features`` does, (2, 1024) or (2 * cells, 1024), and
     whether the study is single-view. Raises ImageDecodeError for an unreadable file.
     """
+    settings = extractor.settings
     views, single_view = pair_views([Path(path) for path in paths])
     distinct = list(dict.fromkeys(views))
-    pixels = np.stack([preprocess_radiograph(path, image_size, max_pixels) for path in distinct])
-    pooled, spatial = image_features(forward, pixels)
+    pixels = np.stack([preprocess_radiograph(path, settings.image_size, max_pixels) for path in distinct])
+    pooled, spatial = image_features(extractor, pixels)
     rows = [distinct.index(view) for view in views]
-    return study_features(pooled[rows], spatial[rows], feature_kind, storage_dtype), single_view
+    return study_features(pooled[rows], spatial[rows], feature_kind, settings.storage_dtype), single_view

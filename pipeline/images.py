@@ -6,10 +6,16 @@ is seen the same way in training and in use.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+try:
+    import imagecodecs
+except ImportError:  # a declared dependency; without it Pillow decodes every image, a little slower
+    imagecodecs = None
 
 from pipeline.errors import PipelineError
 
@@ -18,6 +24,9 @@ from pipeline.errors import PipelineError
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Part of the feature cache key: bump it whenever a change here changes any output pixel.
+PREPROCESSING_VERSION = 2
 
 
 class ImageDecodeError(PipelineError, ValueError):
@@ -31,8 +40,17 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
     reads. Returns a float32 array of shape (height, width) with values in [0, 1].
     Raises ImageDecodeError for empty, truncated, non-image or oversized files.
     """
+    image, full_scale = _decode_gray(path, max_pixels)
+    return np.clip(np.asarray(image, dtype=np.float32) / full_scale, 0.0, 1.0)
+
+
+def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]:
+    """Decode to a mode "F" image and the value that means full intensity (255, 65535 or 1)."""
     path = Path(path)
     _allow_pixels(max_pixels)
+    decoded = _decode_grayscale_png(path, max_pixels)
+    if decoded is not None:
+        return decoded
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -42,7 +60,7 @@ def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
                     "(featurize.max_pixels); raise the limit if the image is genuine"
                 )
             image.load()
-            return _to_unit_gray(image)
+            return _to_float_gray(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageDecodeError(f"{path}: not a readable image ({error})") from None
     except Image.DecompressionBombError as error:
@@ -61,20 +79,53 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _to_unit_gray(image: Image.Image) -> np.ndarray:
+def _decode_grayscale_png(path: Path, max_pixels: int) -> tuple[Image.Image, float] | None:
+    """Decode an 8- or 16-bit grayscale PNG with libpng through imagecodecs.
+
+    libpng decodes a 1024x1024 radiograph in about 80% of Pillow's CPU time, to the same
+    pixels. Returns None for every other file and for files libpng rejects, so that Pillow
+    decodes them or reports the error.
+    """
+    if imagecodecs is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    if color_type != 0 or bit_depth not in (8, 16):
+        return None
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{path}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+            "(featurize.max_pixels); raise the limit if the image is genuine"
+        )
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except Exception:  # imagecodecs raises PngError and others for damaged files; Pillow names the problem
+        return None
+    if pixels.ndim != 2:
+        return None
+    if bit_depth == 8:
+        return Image.fromarray(pixels).convert("F"), 255.0
+    return Image.fromarray(pixels.astype(np.float32)), 65535.0
+
+
+def _to_float_gray(image: Image.Image) -> tuple[Image.Image, float]:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         pixels = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        return np.clip(pixels / scale, 0.0, 1.0)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        return Image.fromarray(pixels, mode="F"), full_scale
     if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float32)
-        return np.clip(pixels, 0.0, 1.0)
+        return image.copy(), 1.0
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
-    gray = image.convert("L")
-    return np.asarray(gray, dtype=np.float32) / 255.0
+    gray = image if image.mode == "L" else image.convert("L")
+    return gray.convert("F"), 255.0
 
 
 def resize_and_normalise(gray: np.ndarray, image_size: int) -> np.ndarray:
@@ -84,12 +135,26 @@ def resize_and_normalise(gray: np.ndarray, image_size: int) -> np.ndarray:
     (image_size, image_size, 3): the gray channel copied to R, G and B, then normalised
     with IMAGENET_MEAN and IMAGENET_STD. The aspect ratio is not kept, as in CheXNet.
     """
-    image = Image.fromarray(gray, mode="F").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    resized = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    rgb = np.repeat(resized[:, :, None], 3, axis=2)
-    return (rgb - IMAGENET_MEAN) / IMAGENET_STD
+    return _resize_and_normalise(Image.fromarray(gray, mode="F"), 1.0, image_size)
 
 
-def preprocess_radiograph(path: Path | str, image_size: int, max_pixels: int) -> np.ndarray:
-    """Decode, resize and normalise one radiograph: float32 (image_size, image_size, 3)."""
-    return resize_and_normalise(read_radiograph(path, max_pixels), image_size)
+def _resize_and_normalise(image: Image.Image, full_scale: float, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    gray = np.asarray(resized, dtype=np.float32) / np.float32(full_scale)
+    np.clip(gray, 0.0, 1.0, out=gray)
+    if out is None:
+        out = np.empty((image_size, image_size, 3), np.float32)
+    for channel in range(3):
+        np.subtract(gray, IMAGENET_MEAN[channel], out=out[:, :, channel])
+        np.divide(out[:, :, channel], IMAGENET_STD[channel], out=out[:, :, channel])
+    return out
+
+
+def preprocess_radiograph(path: Path | str, image_size: int, max_pixels: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode, resize and normalise one radiograph: float32 (image_size, image_size, 3).
+
+    Resizing happens before scaling to [0, 1], which saves a pass over the full-size image.
+    ``out``, if given, is filled in place (a row of a batch) and returned.
+    """
+    image, full_scale = _decode_gray(path, max_pixels)
+    return _resize_and_normalise(image, full_scale, image_size, out)

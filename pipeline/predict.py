@@ -24,7 +24,8 @@ from pipeline.backbone import RANDOM_WARNING, WeightsError, build_feature_extrac
 from pipeline.config import FeaturizeParams
 from pipeline.decoding import DetailedGreedyDecoder, word_positions
 from pipeline.errors import PipelineError
-from pipeline.image_features import Forward, compiled_forward, radiograph_study_features
+from pipeline.extractor import ExtractorSettings, FeatureExtractor
+from pipeline.image_features import radiograph_study_features
 from pipeline.models import MODELS, AttentionReportGenerator, ReportGenerator
 from pipeline.tokenizer import Tokenizer
 
@@ -97,6 +98,8 @@ class FeatureSettings:
     weights_sha256: str
     image_size: int
     storage_dtype: str
+    precision: str
+    batch_size: int
     random_weights: bool
     standin_images: bool
 
@@ -115,9 +118,15 @@ class FeatureSettings:
             weights_sha256=str(features.get("weights_sha256", "")),
             image_size=int(features["image_size"]),
             storage_dtype=str(features.get("storage_dtype", "float16")),
+            precision=str(features.get("precision", "float32")),
+            batch_size=int(features.get("batch_size", 1)),
             random_weights=bool(features.get("random_weights", False)),
             standin_images=bool(features.get("standin_images", False)),
         )
+
+    def extractor_settings(self, max_pixels: int) -> ExtractorSettings:
+        """The settings of the featurize stage's extractor, so features are computed the same way."""
+        return ExtractorSettings(self.image_size, self.batch_size, self.precision, self.storage_dtype, max_pixels)
 
     def warnings(self) -> list[str]:
         """Warnings that every report from these features must carry."""
@@ -220,9 +229,9 @@ class ReportPredictor:
     ``predict`` is safe to call from several threads: calls run one at a time.
     """
 
-    def __init__(self, model: ReportGenerator, tokenizer: Tokenizer, forward: Forward, settings: FeatureSettings,
-                 model_name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.model, self.tokenizer, self.forward, self.settings = model, tokenizer, forward, settings
+    def __init__(self, model: ReportGenerator, tokenizer: Tokenizer, extractor: FeatureExtractor,
+                 settings: FeatureSettings, model_name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.model, self.tokenizer, self.extractor, self.settings = model, tokenizer, extractor, settings
         self.model_name, self.max_pixels = model_name, max_pixels
         self.decoder = DetailedGreedyDecoder(model, tokenizer.max_length - 1)
         self._lock = threading.Lock()
@@ -248,7 +257,8 @@ class ReportPredictor:
         backbone, backbone_info = build_feature_extractor(backbone_weights(settings, weights), settings.image_size)
         _check_weights_match(settings, backbone_info.sha256)
         logger.info("predict: model %s, %s weights, %d px input", info.get("model"), settings.weights, settings.image_size)
-        return cls(model, tokenizer, compiled_forward(backbone), settings, str(info.get("model", "unknown")), max_pixels)
+        extractor = FeatureExtractor(backbone, settings.extractor_settings(max_pixels))
+        return cls(model, tokenizer, extractor, settings, str(info.get("model", "unknown")), max_pixels)
 
     @property
     def has_attention(self) -> bool:
@@ -257,10 +267,7 @@ class ReportPredictor:
     def features(self, frontal: Path | str, lateral: Path | str | None = None) -> tuple[np.ndarray, bool]:
         """Encode a study as the featurize stage does: features (regions, 1024) and single_view."""
         paths = [frontal] if lateral is None else [frontal, lateral]
-        return radiograph_study_features(
-            self.forward, paths, self.settings.image_size, self.max_pixels,
-            type(self.model).feature_kind, self.settings.storage_dtype,
-        )
+        return radiograph_study_features(self.extractor, paths, self.max_pixels, type(self.model).feature_kind)
 
     def predict(self, frontal: Path | str, lateral: Path | str | None = None) -> Prediction:
         """Generate the greedy report for a frontal and an optional lateral radiograph file.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import images
 from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, preprocess_radiograph, read_radiograph
 
 LIMIT = 10_000_000
@@ -148,3 +149,54 @@ def test_pixel_limit_param_overrides_pillow(tmp_path, monkeypatch):
 def test_missing_file_raises(tmp_path):
     with pytest.raises(ImageDecodeError, match="absent.png: not a readable image"):
         read_radiograph(tmp_path / "absent.png", LIMIT)
+
+
+def test_preprocess_fills_given_buffer(tmp_path):
+    path = tmp_path / "gradient.png"
+    Image.fromarray(_gradient((300, 200)), "L").save(path)
+    batch = np.zeros((2, 32, 32, 3), np.float32)
+    returned = preprocess_radiograph(path, 32, LIMIT, out=batch[1])
+    assert np.shares_memory(returned, batch)
+    np.testing.assert_array_equal(batch[1], preprocess_radiograph(path, 32, LIMIT))
+    assert not batch[0].any()
+
+
+def test_16_bit_preprocess_matches_8_bit(tmp_path):
+    gray = _gradient((300, 200))
+    eight, sixteen = tmp_path / "eight.png", tmp_path / "sixteen.png"
+    Image.fromarray(gray, "L").save(eight)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
+    np.testing.assert_allclose(preprocess_radiograph(sixteen, 32, LIMIT), preprocess_radiograph(eight, 32, LIMIT), atol=1e-5)
+
+
+def _both_decoders(path, monkeypatch):
+    fast = preprocess_radiograph(path, 64, LIMIT)
+    with monkeypatch.context() as patch:
+        patch.setattr(images, "imagecodecs", None)
+        pillow = preprocess_radiograph(path, 64, LIMIT)
+    return fast, pillow
+
+
+def test_libpng_matches_pillow_on_radiographs(shared_data, monkeypatch):
+    assert images.imagecodecs is not None, "imagecodecs is a declared dependency"
+    for path in sorted((shared_data / "nih-cxr-sample").glob("*.png"))[:3]:
+        assert images._decode_grayscale_png(path, LIMIT) is not None, f"libpng did not decode {path.name}"
+        fast, pillow = _both_decoders(path, monkeypatch)
+        np.testing.assert_array_equal(fast, pillow, err_msg=path.name)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_libpng_matches_pillow_on_gray_png(tmp_path, monkeypatch, bits):
+    gray = np.random.default_rng(bits).integers(0, 2**bits, (90, 120)).astype(np.uint8 if bits == 8 else np.uint16)
+    path = tmp_path / f"gray{bits}.png"
+    Image.fromarray(gray).save(path)
+    assert images._decode_grayscale_png(path, LIMIT) is not None
+    fast, pillow = _both_decoders(path, monkeypatch)
+    np.testing.assert_array_equal(fast, pillow)
+
+
+def test_libpng_pixel_limit_rejects(tmp_path):
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(path)
+    with pytest.raises(ImageDecodeError, match="featurize.max_pixels"):
+        preprocess_radiograph(path, 32, 5_000)
