@@ -1,7 +1,4 @@
-"""A temporary git repository holding a copy of this checkout, for tests that run `dvc repro`.
-
-The helpers are copies of those in test_end_to_end.py, which keeps its own.
-"""
+"""A temporary git repository holding a copy of this checkout, for tests that run `dvc repro`."""
 
 from __future__ import annotations
 

@@ -7,9 +7,6 @@ gets from a clone: dvc.yaml, params.yaml, the stage entry points and the package
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +14,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT
+from dvc_project import command as _command
+from dvc_project import make_project
 
 pytestmark = pytest.mark.slow
 
@@ -33,46 +31,11 @@ TINY_MODELS = [
 ]
 
 
-def _command(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    environment = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }
-    result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited with {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def _copy_checkout(target: Path) -> None:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file() and not name.startswith("tests/"):
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, shared_data) -> Path:
     root = tmp_path_factory.mktemp("e2e")
-    project, mirror = root / "project", root / "mirror"
-    project.mkdir()
-    _copy_checkout(project)
-    _command(["git", "init", "-q"], project)
-    _command(["git", "add", "-A"], project)
-    _command(["git", "commit", "-qm", "clone"], project)
-    _command([str(shared_data.parent / "tools" / "make-openi-mirror"), str(mirror), "--studies", str(STUDIES_IN_MIRROR)], root)
-    _command(
-        [sys.executable, "-m", "pipeline.cli", "params", "set", f"download.mirror={mirror}",
-         "featurize.weights=random", "train.epochs=3", "train.simple.units=32", *TINY_MODELS],
-        project,
-    )
+    settings = ["featurize.weights=random", "train.epochs=3", "train.simple.units=32", *TINY_MODELS]
+    project = make_project(root, shared_data, STUDIES_IN_MIRROR, settings)
     _command(["dvc", "repro"], project)
     return project
 
