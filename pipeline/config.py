@@ -30,7 +30,7 @@ class _Section(BaseModel):
 
 
 class DownloadParams(_Section):
-    """Where the Open-I archives come from."""
+    """Parameters of the download stage: the source of the Open-I archives and transfer limits."""
 
     base_url: str = Field(OPENI_BASE_URL, description="URL folder that holds NLMCXR_reports.tgz and NLMCXR_png.tgz")
     mirror: str | None = Field(None, description="local folder with the same two archives; used instead of base_url")
@@ -43,7 +43,7 @@ class DownloadParams(_Section):
 
 
 class ExtractParams(_Section):
-    """How XML reports become tables."""
+    """Parameters of the extract stage, which turns XML reports into tables."""
 
     min_words: int = Field(1, ge=0, description="reports with fewer words in findings and impression are excluded")
     projections: str | None = Field(
@@ -57,7 +57,7 @@ class ExtractParams(_Section):
 
 
 class SplitParams(_Section):
-    """How studies are assigned to train, val and test."""
+    """Parameters of the train, val and test split of studies."""
 
     method: Literal["grouped", "r2gen"] = Field("grouped", description="grouped: seeded random split by report")
     seed: int = 1234
@@ -75,7 +75,7 @@ class SplitParams(_Section):
 
 
 class FeaturizeParams(_Section):
-    """How radiographs become CheXNet features."""
+    """Parameters of the featurize stage, which turns radiographs into DenseNet-121 features."""
 
     weights: str = Field(
         "imagenet",
@@ -103,7 +103,7 @@ class FeaturizeParams(_Section):
 
 
 class TokenizeParams(_Section):
-    """How report text becomes token ids and embeddings."""
+    """Parameters of the tokenize stage: text sections, vocabulary and GloVe source."""
 
     sections: list[Literal["findings", "impression", "indication", "comparison"]] = Field(
         default_factory=lambda: ["findings", "impression"], min_length=1
@@ -178,7 +178,7 @@ class TrainParams(_Section):
 
 
 class ScoreParams(_Section):
-    """How reports are generated and scored."""
+    """Parameters of the score stage: decoding, baselines and the gallery."""
 
     split: Literal["val", "test"] = "test"
     batch_size: int = Field(64, ge=1, description="studies decoded together in one compiled call")

@@ -30,7 +30,7 @@ class GloveError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class Coverage:
-    """How much of the vocabulary and of the training tokens GloVe covers, as shares in [0, 1]."""
+    """GloVe coverage of the vocabulary and of the training tokens, as shares in [0, 1]."""
 
     vocabulary: float
     tokens: float
@@ -41,7 +41,7 @@ class Coverage:
 
 
 def load_glove(source: str, words: set[str]) -> tuple[dict[str, np.ndarray], str]:
-    """Return GloVe vectors (float32, dim) for those of ``words`` that GloVe knows, and a source label."""
+    """Return GloVe vectors (float32, dim) for those of ``words`` that GloVe contains, and a source label."""
     if source == KUMO_PACKAGE:
         return _load_kumo(words), f"{KUMO_PACKAGE} (glove.6B 50d)"
     path = Path(source)
