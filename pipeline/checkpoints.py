@@ -5,7 +5,8 @@ The checkpoint folder (``models/checkpoints``) holds:
 * ``epoch-NNNN.weights.h5``: model and optimizer variables after epoch NNNN (1-based),
   kept for the last epoch and for the best validation epoch.
 * ``state.json``: epochs done, the history of every metric, the early-stopping counters,
-  the dropout random-generator states, and a fingerprint of the settings and data.
+  the dropout random-generator states, and a fingerprint of the settings and data. It is
+  strict JSON: a NaN or infinite number is written as null.
 
 Weights are written before ``state.json`` and each file is renamed into place, so a kill at
 any moment leaves a ``state.json`` whose weight files exist.
@@ -78,8 +79,11 @@ class CheckpointStore:
         if not path.is_file():
             return None
         try:
-            state = TrainingState(**json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, TypeError) as error:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+            if fields.get("best_val_loss") is None:  # written as null while no epoch has a finite val_loss
+                fields["best_val_loss"] = math.inf
+            state = TrainingState(**fields)
+        except (ValueError, TypeError, AttributeError) as error:
             logger.warning("checkpoint %s is unreadable (%s); training starts from epoch 0", path, error)
             return None
         if state.complete or state.fingerprint != fingerprint or state.epochs_done == 0:
@@ -96,7 +100,7 @@ class CheckpointStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         _save_weights(model, self.weights_path(state.epochs_done))
         state.random_states = [np.asarray(variable.numpy()).tolist() for variable in _random_state_variables(model)]
-        write_text(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1) + "\n")
+        _write_state(self.directory / STATE_FILE, state)
         keep = {self.weights_path(state.epochs_done).name, self.weights_path(state.best_epoch).name}
         for path in self.directory.glob("epoch-*.weights.h5"):
             if path.name not in keep:
@@ -104,7 +108,7 @@ class CheckpointStore:
 
     def mark_complete(self, state: TrainingState) -> None:
         state.complete = True
-        write_text(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1) + "\n")
+        _write_state(self.directory / STATE_FILE, state)
 
     def restore(self, model: keras.Model, state: TrainingState) -> None:
         """Load model and optimizer variables and dropout generator states after ``epochs_done``.
@@ -121,6 +125,21 @@ class CheckpointStore:
     def restore_best(self, model: keras.Model, state: TrainingState) -> None:
         """Load the weights of the epoch with the lowest val_loss."""
         model.load_weights(self.weights_path(state.best_epoch))
+
+
+def _write_state(path: Path, state: TrainingState) -> None:
+    """Write ``state`` as strict JSON: NaN and infinity, which JSON lacks, are written as null."""
+    write_text(path, json.dumps(_finite_or_none(asdict(state)), indent=1, allow_nan=False) + "\n")
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _random_state_variables(model: keras.Model) -> list:

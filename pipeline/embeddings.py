@@ -64,7 +64,8 @@ def _load_kumo(words: set[str]) -> dict[str, np.ndarray]:
 def _load_text(path: Path, words: set[str]) -> dict[str, np.ndarray]:
     vectors: dict[str, np.ndarray] = {}
     dim = None
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    # A number beyond float32's range becomes infinity, which the check below rejects without a NumPy warning.
+    with open(path, encoding="utf-8", errors="replace") as handle, np.errstate(over="ignore"):
         for line_number, line in enumerate(handle, start=1):
             word, _, rest = line.rstrip("\n").partition(" ")
             if word not in words:
@@ -76,6 +77,11 @@ def _load_text(path: Path, words: set[str]) -> dict[str, np.ndarray]:
             dim = dim or vector.size
             if vector.size != dim:
                 raise GloveError(f"{path}:{line_number}: {vector.size} numbers, expected {dim} like the lines before")
+            if not np.isfinite(vector).all():
+                raise GloveError(
+                    f"{path}:{line_number}: the vector of {word!r} contains NaN or infinity, or a number "
+                    "beyond float32's range; fix or remove that line, or use another GloVe file"
+                )
             vectors[word] = vector
     return vectors
 
@@ -93,7 +99,10 @@ def build_embedding_matrix(
     if not vectors:
         raise GloveError(f"{source}: no vocabulary word found; is it a GloVe file for English lower-case words?")
     dim = next(iter(vectors.values())).size
-    scale = UNKNOWN_WORD_SCALE * float(np.std(np.stack(list(vectors.values()))))
+    # float64, because squaring float32 values near float32's maximum overflows to infinity.
+    scale = UNKNOWN_WORD_SCALE * float(np.std(np.stack(list(vectors.values())).astype(np.float64)))
+    if not np.isfinite(scale):
+        raise GloveError(f"{source}: the GloVe vectors contain NaN or infinity; use another GloVe source")
     rng = np.random.default_rng(seed)
     matrix = rng.normal(0.0, scale, (tokenizer.vocab_size, dim)).astype(np.float32)
     for row, token in enumerate(tokenizer.tokens):

@@ -25,7 +25,7 @@ from pipeline.atomic import atomic_path, write_text
 from pipeline.checkpoints import CheckpointStore, TrainingState
 from pipeline.config import Params
 from pipeline.dataset import SplitData, TrainingBatches, load_split, teacher_forcing_dataset
-from pipeline.errors import StageInputError
+from pipeline.errors import PipelineError, StageInputError
 from pipeline.models import MODELS, ReportGenerator, build_model, masked_accuracy, masked_loss
 from pipeline.tokenizer import Tokenizer
 from pipeline.validation import require_finite
@@ -85,6 +85,10 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
     logger.info("train: mirrored strategy over %d devices", strategy.num_replicas_in_sync)
     return strategy
+
+
+class NonFiniteLossError(PipelineError, FloatingPointError):
+    """Raised when an epoch ends with a NaN or infinite loss, before its checkpoint is written."""
 
 
 def _require_studies(data: SplitData, split: str, features_path: Path) -> None:
@@ -152,6 +156,7 @@ def _fit(
         )
         logs = {name: values[-1] for name, values in history.history.items()}
         logs["seconds"] = time.perf_counter() - start
+        _require_finite_loss(logs, state.epochs_done + 1, settings.learning_rate)
         improved = state.record(logs, settings.patience)
         store.save(model, state)
         _write_learning_curve(state, plots_dir)
@@ -161,6 +166,19 @@ def _fit(
         )
     if state.stopped_early:
         logger.info("train: stopped early after epoch %d; best epoch %d", state.epochs_done, state.best_epoch)
+
+
+def _require_finite_loss(logs: dict[str, float], epoch: int, learning_rate: float) -> None:
+    """Raise NonFiniteLossError when the epoch's loss or val_loss is NaN or infinite."""
+    losses = {name: float(logs[name]) for name in ("loss", "val_loss")}
+    if all(np.isfinite(value) for value in losses.values()):
+        return
+    values = ", ".join(f"{name} {value}" for name, value in losses.items())
+    raise NonFiniteLossError(
+        f"epoch {epoch}: loss is NaN or inf ({values}); training stopped and the checkpoint of the last "
+        "finite epoch is kept. Check data/text/embeddings.npy and features/chexnet.h5 for NaN or infinite "
+        f"values, and try a lower train.learning_rate (now {learning_rate})"
+    )
 
 
 def _write_learning_curve(state: TrainingState, plots_dir: Path) -> None:

@@ -57,3 +57,19 @@ def test_kumo_package_is_real_glove(tokenizer):
     # glove.6B's vector for "the" starts with 0.418; one known value shows the real file is read.
     vectors, _ = load_glove(KUMO_PACKAGE, {"the"})
     assert vectors["the"][0] == pytest.approx(0.418, abs=1e-3)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "1e39"])
+def test_nonfinite_value_names_line_and_word(tokenizer, tmp_path, value):
+    glove = tmp_path / "glove.txt"
+    glove.write_text(f"no 1 2 3\neffusion 4 {value} 6\n", encoding="utf-8")
+    with pytest.raises(GloveError, match=r"glove.txt:2: the vector of 'effusion' contains NaN or infinity"):
+        build_embedding_matrix(tokenizer, str(glove), [])
+
+
+def test_unknown_word_scale_finite_for_large_values(tokenizer, tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("no 3e38 -3e38 3e38\neffusion -3e38 3e38 -3e38\n", encoding="utf-8")
+    matrix, _ = build_embedding_matrix(tokenizer, str(glove), [])
+    assert np.isfinite(matrix).all()
+    assert np.any(matrix[tokenizer.tokens.index("zzqx")] != 0)

@@ -150,6 +150,31 @@ def test_checkpoint_of_other_run_is_ignored(tmp_path):
     assert store.load_state("run-a") is None
 
 
+def _strict_json(text: str):
+    """Parse JSON as the standard defines it, rejecting NaN, Infinity and -Infinity."""
+
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not valid JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_state_json_is_strict_without_finite_val_loss(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    store = CheckpointStore(tmp_path)
+    state = TrainingState(fingerprint="run")
+    state.record({"loss": math.nan, "val_loss": math.inf}, patience=5)
+    store.save(model, state)
+
+    written = _strict_json((tmp_path / "state.json").read_text())
+    assert written["best_val_loss"] is None
+    assert written["history"]["loss"] == [None]
+    assert store.load_state("run").best_val_loss == math.inf
+
+    store.mark_complete(TrainingState(fingerprint="run"))
+    assert _strict_json((tmp_path / "state.json").read_text())["best_val_loss"] is None
+
+
 def test_checkpoint_keeps_last_and_best_epochs(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     store = CheckpointStore(tmp_path)

@@ -1,7 +1,8 @@
-"""Non-finite cached features stop training and scoring with the study ids at fault."""
+"""Non-finite cached features and losses stop training and scoring with the cause named."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -11,6 +12,8 @@ import pytest
 
 from pipeline import score, tokenize, trainer
 from pipeline.config import parse_params
+from pipeline.errors import PipelineError
+from pipeline.tokenizer import START_ID
 from pipeline.validation import NonFiniteFeaturesError, require_finite
 
 STUDIES = [f"CXR{i}_IM-{i:04d}" for i in range(12)]
@@ -114,3 +117,23 @@ def test_scoring_stops_on_nonfinite(workspace: Path) -> None:
         score.run(small_params(workspace / "glove.txt"), features, workspace / "text", workspace / "models", metrics)
 
     assert not metrics.exists()
+
+
+def test_training_stops_at_nonfinite_loss(workspace: Path) -> None:
+    text = workspace / "text-nan-embedding"
+    shutil.copytree(workspace / "text", text)
+    matrix = np.load(text / "embeddings.npy")
+    matrix[START_ID] = np.nan  # every decoder input starts with <start>, so the first epoch's loss is NaN
+    np.save(text / "embeddings.npy", matrix)
+    models = workspace / "models-nan-embedding"
+
+    with pytest.raises(PipelineError) as caught:
+        trainer.run(small_params(workspace / "glove.txt"), workspace / "clean.h5", text, models,
+                    workspace / "metrics-nan", workspace / "plots-nan")
+
+    message = str(caught.value)
+    assert message.startswith("epoch 1: loss is NaN or inf")
+    assert "embeddings.npy" in message
+    assert "train.learning_rate" in message
+    assert not (models / "checkpoints" / "state.json").exists()
+    assert not (models / "model.keras").exists()
