@@ -410,8 +410,9 @@ def safe_extract(
     ``flatten`` keeps only each member's base name.
 
     Files are written with default permissions, never the archive's modes. Extraction goes
-    to a temporary folder that replaces ``destination`` only on success. Raises ArchiveError
-    if ``archive`` is not a readable .tar.gz file. Raises UnsafeArchiveError, leaving
+    to a temporary folder that replaces ``destination`` only on success. Raises ArchiveError,
+    leaving ``destination`` as it was, if ``archive`` is not a readable .tar.gz file or its
+    gzip CRC-32 or length check fails. Raises UnsafeArchiveError, leaving
     ``destination`` as it was, once the extracted total would exceed ``max_total_bytes``.
     """
     archive = Path(archive)
@@ -426,6 +427,7 @@ def safe_extract(
             elif relative is not None:
                 _extract_member(tar, member, archive, staging / relative, stats,
                                 max_member_bytes=max_member_bytes, max_total_bytes=max_total_bytes)
+        _check_gzip_trailer(tar, archive)
     _log_extract_stats(archive, Path(destination), stats)
     return stats
 
@@ -463,6 +465,19 @@ def _members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
         except _READ_ERRORS as error:
             raise _archive_error(archive, error) from error
         yield member
+
+
+def _check_gzip_trailer(tar: tarfile.TarFile, archive: Path) -> None:
+    """Read the compressed stream to its end, so that gzip checks its CRC-32 and length trailer.
+
+    tarfile stops at the end-of-archive marker, before the trailer, so without this a
+    corrupted body that still parses as tar members would go unnoticed.
+    """
+    try:
+        while tar.fileobj.read(CHUNK_BYTES):
+            pass
+    except _READ_ERRORS as error:
+        raise _archive_error(archive, error) from error
 
 
 def _member_target(

@@ -475,6 +475,38 @@ def test_extract_truncated_archive(tmp_path: Path) -> None:
     assert files_under(tmp_path) == {"full.tgz", "cut.tgz"}
 
 
+def corrupt_crc_trailer(data: bytes) -> bytes:
+    """Flip the gzip trailer's CRC-32, the 4 bytes before the 4-byte length at the end."""
+    return data[:-8] + bytes(byte ^ 0xFF for byte in data[-8:-4]) + data[-4:]
+
+
+def corrupt_stored_member(data: bytes) -> bytes:
+    """Change one byte of the last member's data, which compresslevel=0 stores uncompressed."""
+    position = data.rindex(b"Z" * 1000) + 500
+    return data[:position] + b"Y" + data[position + 1 :]
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_crc_trailer, corrupt_stored_member], ids=["crc_trailer", "member_data"])
+def test_extract_crc_mismatch_keeps_previous(tmp_path: Path, corrupt) -> None:
+    archive = tmp_path / "bad.tgz"
+    with tarfile.open(archive, "w:gz", compresslevel=0) as tar:
+        add_file(tar, "a.txt", b"first member")
+        add_file(tar, "z.txt", b"Z" * 5000)
+    archive.write_bytes(corrupt(archive.read_bytes()))
+    with tarfile.open(archive, "r:gz") as tar:
+        assert len(tar.getmembers()) == 2  # the members still parse; only the gzip trailer check fails
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "old.txt").write_text("previous run")
+
+    with pytest.raises(ArchiveError, match="bad.tgz: not a readable gzip-compressed tar archive") as caught:
+        extract(archive, destination)
+
+    assert "CRC check failed" in str(caught.value)
+    assert files_under(destination) == {"old.txt"}
+    assert files_under(tmp_path) == {"bad.tgz", "out", "out/old.txt"}
+
+
 def test_extract_missing_archive(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="absent.tgz: not found"):
         extract(tmp_path / "absent.tgz", tmp_path / "out")
