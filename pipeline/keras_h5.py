@@ -23,6 +23,9 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+EXPECTED_FORMAT = (
+    "DenseNet-121 plus a Dense(14) sigmoid head saved by Keras 2 save_weights or model.save in HDF5 format"
+)
 
 
 class WeightsError(PipelineError, ValueError):
@@ -33,15 +36,36 @@ def read_legacy_weights(path: Path) -> list[tuple[str, np.ndarray]]:
     """Return every ``(weight name, value)`` of a Keras 2 HDF5 file, in file order.
 
     Names are as stored, such as ``conv1/bn/gamma:0``. Raises WeightsError when the file
-    is not in one of the two Keras 2 layouts.
+    is not in one of the two Keras 2 layouts, lacks a group or dataset that its name lists
+    promise, or cannot be read (a truncated or corrupt file).
     """
-    with h5py.File(path, "r") as handle:
-        root = _weights_root(handle, path)
-        pairs: list[tuple[str, np.ndarray]] = []
-        for layer_name in read_name_list(root, "layer_names"):
-            layer = root[layer_name]
-            for weight_name in read_name_list(layer, "weight_names"):
-                pairs.append((weight_name, np.asarray(layer[weight_name])))
+    try:
+        with h5py.File(path, "r") as handle:
+            return _read_pairs(_weights_root(handle, path), path)
+    except OSError as error:
+        raise WeightsError(
+            f"{path}: unreadable HDF5 file, probably truncated or corrupt ({' '.join(str(error).split())}). "
+            f"Expected {EXPECTED_FORMAT}; copy or download the file again"
+        ) from None
+
+
+def _read_pairs(root: h5py.Group, path: Path) -> list[tuple[str, np.ndarray]]:
+    pairs: list[tuple[str, np.ndarray]] = []
+    for layer_name in read_name_list(root, "layer_names"):
+        layer = root.get(layer_name)
+        if not isinstance(layer, h5py.Group):
+            raise WeightsError(
+                f"{path}: layer_names lists {layer_name!r}, but the file has no group of that name. "
+                f"Expected {EXPECTED_FORMAT}"
+            )
+        for weight_name in read_name_list(layer, "weight_names"):
+            weight = layer.get(weight_name)
+            if not isinstance(weight, h5py.Dataset):
+                raise WeightsError(
+                    f"{path}: layer {layer_name!r} lists the weight {weight_name!r}, but the file has no dataset "
+                    f"of that name. Expected {EXPECTED_FORMAT}"
+                )
+            pairs.append((weight_name, np.asarray(weight)))
     return pairs
 
 
@@ -57,8 +81,8 @@ def _weights_root(handle: h5py.File, path: Path) -> h5py.Group:
             "Keras 2 file"
         )
     raise WeightsError(
-        f"{path}: HDF5 file without the Keras 2 'layer_names' attribute or a 'model_weights' group. Expected "
-        "DenseNet-121 plus a Dense(14) sigmoid head saved by Keras 2 save_weights or model.save in HDF5 format"
+        f"{path}: HDF5 file without the Keras 2 'layer_names' attribute or a 'model_weights' group. "
+        f"Expected {EXPECTED_FORMAT}"
     )
 
 

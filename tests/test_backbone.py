@@ -164,3 +164,35 @@ def test_text_file_rejected(tmp_path):
 def test_missing_file_names_choices(tmp_path):
     with pytest.raises(WeightsError, match="'imagenet' or 'random'"):
         build_feature_extractor(str(tmp_path / "absent.h5"), SIZE)
+
+
+def test_layer_without_datasets_names_file(tmp_path, reference):
+    classifier, _ = reference
+    path = tmp_path / "hollow.h5"
+    write_keras2_file(path, classifier, "weights")
+    with h5py.File(path, "a") as handle:
+        for weight_name in list(handle["conv1/conv"]):
+            del handle["conv1/conv"][weight_name]
+    with pytest.raises(WeightsError, match=r"hollow.h5: layer 'conv1/conv' lists the weight 'conv1/conv/kernel:0'") as caught:
+        build_feature_extractor(str(path), SIZE)
+    assert "Dense(14) sigmoid head saved by Keras 2" in str(caught.value)
+
+
+def test_missing_layer_group_names_file(tmp_path, reference):
+    classifier, _ = reference
+    path = tmp_path / "no-group.h5"
+    write_keras2_file(path, classifier, "weights")
+    with h5py.File(path, "a") as handle:
+        del handle["conv1/conv"]
+    with pytest.raises(WeightsError, match=r"no-group.h5: layer_names lists 'conv1/conv'"):
+        build_feature_extractor(str(path), SIZE)
+
+
+def test_truncated_file_names_file(tmp_path, reference):
+    classifier, _ = reference
+    path = tmp_path / "cut.h5"
+    write_keras2_file(path, classifier, "weights")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=r"cut.h5: unreadable HDF5 file, probably truncated") as caught:
+        build_feature_extractor(str(path), SIZE)
+    assert "Dense(14) sigmoid head saved by Keras 2" in str(caught.value)
