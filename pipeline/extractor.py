@@ -58,7 +58,7 @@ class ImageBatch:
 
     ``pooled`` is (images, 1024) and ``spatial`` (images, cells, 1024), both in the
     storage dtype. Rows whose ``ok`` is False contain zeros, and ``errors`` contains the
-    decode error of each image (empty when it decoded).
+    decode error of each image without its path (empty when it decoded).
     """
 
     keys: list[str]
@@ -149,7 +149,7 @@ def decode_batches(
 
     Yields ``(start, stop, pixels, errors)``: pixels is float32 (batch_size, size, size, 3)
     with zeros after row ``stop - start`` and in rows that failed. ``errors`` contains one
-    message per image, empty when it decoded.
+    reason per image, without the path, empty when it decoded.
     """
     batch_size = settings.batch_size
     pending: collections.deque[tuple[int, int, np.ndarray, list[Future]]] = collections.deque()
@@ -182,7 +182,8 @@ def _decode_into(pixels: np.ndarray, slot: int, path: Path, settings: ExtractorS
     try:
         preprocess_radiograph(path, settings.image_size, settings.max_pixels, out=pixels[slot])
     except ImageDecodeError as error:
-        return str(error)
+        # The cache stores errors by content hash, so the reason must not name this one path.
+        return error.reason
     return ""
 
 

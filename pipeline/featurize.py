@@ -146,7 +146,7 @@ class Featurizer:
             if todo:
                 self._compute(cache, todo)
             status = cache.status([key for key in hashes.values() if key])
-            failed = _log_failures(image_ids, hashes, status)
+            failed = _log_failures(image_ids, paths, hashes, status)
             with log_duration(logger, f"featurize: write {output_path}"), atomic_path(output_path) as temporary:
                 written = write_study_features(temporary, studies["study_id"].tolist(), view_ids, hashes, status, cache, self.params)
                 _write_attrs(temporary, self.params, self.info, _standin_images(manifest_path), cache.key)
@@ -200,15 +200,24 @@ def _images_to_compute(
     return list(todo.items())
 
 
-def _log_failures(image_ids: list[str], hashes: dict[str, str | None], status: dict) -> int:
+def _log_failures(image_ids: list[str], paths: list[Path], hashes: dict[str, str | None], status: dict) -> int:
+    """Log missing and undecodable images, each with its own path; return how many there are.
+
+    The cache stores one decode error per content hash, so files with the same bytes share
+    the reason, and the path comes from the image id.
+    """
     missing = [image_id for image_id in image_ids if hashes[image_id] is None]
-    broken = [(image_id, status[hashes[image_id]][3]) for image_id in image_ids if hashes[image_id] and not status[hashes[image_id]][2]]
+    broken = [
+        (image_id, path, status[hashes[image_id]][3])
+        for image_id, path in zip(image_ids, paths, strict=True)
+        if hashes[image_id] and not status[hashes[image_id]][2]
+    ]
     if missing:
         logger.warning("featurize: skipped %d image files that do not exist, e.g. %s", len(missing), missing[:5])
     if broken:
         logger.warning("featurize: skipped %d of %d images that could not be decoded", len(broken), len(image_ids))
-        for image_id, error in broken[:20]:
-            logger.warning("featurize: skipped %s: %s", image_id, error)
+        for image_id, path, reason in broken[:20]:
+            logger.warning("featurize: skipped %s (%s): %s", image_id, path, reason)
     return len(missing) + len(broken)
 
 

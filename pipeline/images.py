@@ -30,7 +30,19 @@ PREPROCESSING_VERSION = 3
 
 
 class ImageDecodeError(PipelineError, ValueError):
-    """Raised when a file cannot be used as a radiograph; the message names the file and why."""
+    """Raised when a file cannot be used as a radiograph; the message is ``"<path>: <reason>"``.
+
+    ``reason`` alone describes the content, so it can be stored for every file with the same bytes.
+    """
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self):
+        # Exceptions pickle their message by default; this one is rebuilt from its two parts.
+        return type(self), (self.path, self.reason)
 
 
 def read_radiograph(path: Path | str, max_pixels: int) -> np.ndarray:
@@ -56,17 +68,24 @@ def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
-                    f"{path}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                    path, f"{width}x{height} pixels exceeds the limit of {max_pixels} "
                     "(featurize.max_pixels); raise the limit if the image is genuine"
                 )
             image.load()
             return _to_float_gray(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageDecodeError(f"{path}: not a readable image ({error})") from None
+        raise ImageDecodeError(path, f"not a readable image ({_error_without_path(error, path)})") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(
-            f"{path}: rejected as a decompression bomb ({error}); raise featurize.max_pixels if the image is genuine"
+            path, f"rejected as a decompression bomb ({error}); raise featurize.max_pixels if the image is genuine"
         ) from None
+
+
+def _error_without_path(error: Exception, path: Path) -> str:
+    """Describe a decoding error without the file name that Pillow and the OS put in their messages."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).replace(f" '{path}'", "").replace(str(path), "the file")
 
 
 def _allow_pixels(max_pixels: int) -> None:
@@ -99,7 +118,7 @@ def _decode_grayscale_png(path: Path, max_pixels: int) -> tuple[Image.Image, flo
         return None
     if width * height > max_pixels:
         raise ImageDecodeError(
-            f"{path}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+            path, f"{width}x{height} pixels exceeds the limit of {max_pixels} "
             "(featurize.max_pixels); raise the limit if the image is genuine"
         )
     try:

@@ -260,6 +260,24 @@ def test_missing_image_file_is_skipped(tmp_path):
     assert summary.failed == 3
 
 
+def test_identical_broken_images_logged_with_own_paths(tmp_path, caplog):
+    tree = make_tree(tmp_path)
+    images = tree / "images"
+    (images / "CXR5_IM-0001-1001.png").write_bytes(b"not a png")  # the same bytes as CXR3_IM-1384-2001.png
+    write_png(images / "CXR5_IM-0001-2001.png", 5)
+    write_studies(tree, {**STUDIES, "CXR5_IM-0001": ["CXR5_IM-0001-1001", "CXR5_IM-0001-2001"]})
+
+    with caplog.at_level("WARNING", logger="pipeline.featurize"):
+        run_stage(tree)
+
+    lines = {image_id: [line for line in caplog.text.splitlines() if f"skipped {image_id} " in line]
+             for image_id in ("CXR3_IM-1384-2001", "CXR5_IM-0001-1001")}
+    for image_id, found in lines.items():
+        assert len(found) == 1, caplog.text
+        assert f"({images / image_id}.png): not a readable image" in found[0]
+        assert found[0].count(".png") == 1, found[0]
+
+
 def _project(root, images):
     """A folder laid out as the CLI expects, with ``images`` distinct radiographs in two-view studies."""
     (root / "data/interim").mkdir(parents=True)
