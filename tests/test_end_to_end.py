@@ -110,10 +110,17 @@ def test_repro_again_is_up_to_date(project):
     assert "up to date" in status.stdout
 
 
-def test_plots_show_learning_curve(project):
+PLOT_FILES = ("images_per_report.csv", "report_words.csv", "learning_curve.csv", "chexpert_f1.csv")
+
+
+def test_plots_show_each_plot_once(project):
     shown = json.loads(_command(["dvc", "plots", "show", "--json"], project).stdout)
     assert not shown.get("errors")
-    curve = shown["data"]["dvc.yaml::plots/learning_curve.csv"][0]
+    for name in PLOT_FILES:
+        drawn = [plot_id for plot_id in shown["data"] if plot_id.endswith(f"plots/{name}")]
+        assert len(drawn) == 1, f"{name} is drawn as {drawn}"
+    assert len(shown["data"]) == len(PLOT_FILES), sorted(shown["data"])
+    curve = shown["data"]["plots/learning_curve.csv"][0]
     assert len(curve["content"]["data"]["values"]) >= 3
 
 
