@@ -19,6 +19,7 @@ from typing import Annotated
 
 import jinja2
 from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
@@ -66,7 +67,7 @@ def check_upload(name: str, data: bytes, limits: UploadLimits) -> str:
         raise UploadError(f"{name}: the file is empty; choose a PNG or JPEG radiograph", 400)
     if len(data) > limits.max_bytes:
         raise UploadError(
-            f"{name}: {len(data) / 2**20:.1f} MB is over the limit of {limits.max_bytes / 2**20:.0f} MB per image", 413
+            f"{name}: {len(data) / 2**20:.1f} MiB is over the limit of {limits.max_bytes / 2**20:g} MiB per image", 413
         )
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -91,6 +92,7 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
     page = _page_renderer(predictor, limits)
 
     app.middleware("http")(_request_size_guard(limits, page))
+    app.exception_handler(RequestValidationError)(_form_error_handler(page))
 
     @app.get("/", response_class=HTMLResponse)
     def form() -> Response:
@@ -121,6 +123,23 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
     return app
 
 
+def _form_error_handler(page):
+    """Build the handler that answers a form without the frontal file, or not a form, with 422."""
+
+    async def reject_bad_form(request: Request, error: RequestValidationError) -> Response:
+        fields = sorted({str(item["loc"][-1]) for item in error.errors() if item.get("loc")})
+        message = UploadError(
+            f"the form lacks a valid {' and '.join(fields) or 'body'}; send a multipart form with a frontal "
+            "file and an optional lateral file", 422,
+        )
+        logger.info("serve: rejected %s %s: %s", request.method, request.url.path, message)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(message)}, status_code=422)
+        return page(error=str(message), status=422)
+
+    return reject_bad_form
+
+
 def _request_size_guard(limits: UploadLimits, page):
     """Build the middleware that rejects POSTs by their Content-Length before the form is read."""
 
@@ -134,7 +153,7 @@ def _request_size_guard(limits: UploadLimits, page):
             error = UploadError("the request has no Content-Length; send the form from a browser or with curl -F", 411)
         elif int(length) > limits.max_request_bytes:
             megabytes = limits.max_bytes / 2**20
-            error = UploadError(f"the upload is too large: at most two images of {megabytes:.0f} MB each", 413)
+            error = UploadError(f"the upload is too large: at most two images of {megabytes:g} MiB each", 413)
         if error is None:
             return await call_next(request)
         logger.info("serve: rejected %s %s: %s", request.method, request.url.path, error)
@@ -188,7 +207,10 @@ def _predict_uploads(
             maps = _attention_maps(prediction, paths, limits) if with_maps else []
         except ImageDecodeError as error:
             # The message names the temporary file; the user knows it by its view name.
-            raise UploadError(str(error).replace(f"{folder}/", ""), 422) from None
+            message = str(error)
+            for (name, _), path in zip(uploads, paths):
+                message = message.replace(str(path), f"{name} view")
+            raise UploadError(message, 422) from None
     logger.info("serve: %d view(s), %d words", len(paths), len(prediction.words))
     return prediction, maps
 

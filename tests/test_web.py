@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from conftest import REPO_ROOT
@@ -116,7 +117,7 @@ def test_empty_lateral_field_means_single_view(server, radiographs):
     (b"", 400, "frontal view: the file is empty"),
     (b"GIF89a" + bytes(64), 415, "upload a PNG or JPEG file"),
     (_png(2100, 2000), 422, "2100x2000 is 4.2 megapixels, over the limit of 4 megapixels"),
-    (b"\x89PNG" + bytes(MAX_UPLOAD_MB * 2**20 + 10), 413, "over the limit of 2 MB per image"),
+    (b"\x89PNG" + bytes(MAX_UPLOAD_MB * 2**20 + 10), 413, "over the limit of 2 MiB per image"),
 ])
 def test_rejected_uploads(server, upload, status, message):
     files = {"frontal": ("upload.png", upload, "image/png")}
@@ -125,6 +126,27 @@ def test_rejected_uploads(server, upload, status, message):
     assert page.status_code == api.status_code == status
     assert message in page.text
     assert message in api.json()["error"]
+
+
+def test_form_without_frontal_rejected(server, radiographs):
+    files = {"lateral": ("l.png", radiographs[1].read_bytes(), "image/png")}
+    page = requests.post(f"{server}/", files=files, timeout=120)
+    api = requests.post(f"{server}/api/report", files=files, timeout=120)
+    assert page.status_code == api.status_code == 422
+    assert "the form lacks a valid frontal" in page.text
+    assert "the form lacks a valid frontal" in api.json()["error"]
+
+
+def test_undecodable_png_named_by_view(server):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    files = {"frontal": ("scan.png", buffer.getvalue()[:300], "image/png")}
+    response = requests.post(f"{server}/api/report", files=files, timeout=120)
+    assert response.status_code in (415, 422), response.text
+    error = response.json()["error"]
+    assert error.startswith("frontal view"), error
+    assert "cxrgen-upload-" not in error
 
 
 def test_gif_image_is_rejected(server):
