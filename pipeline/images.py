@@ -7,6 +7,7 @@ is seen the same way in training and in use.
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ NORMALISATION = "imagenet: (pixel/255 - mean) / std, mean=[0.485, 0.456, 0.406],
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Part of the feature cache key: bump it whenever a change here changes any output pixel.
 PREPROCESSING_VERSION = 3
+RAISE_PIXEL_LIMIT = (
+    "if the image is genuine, raise featurize.max_pixels (pipeline) or --max-pixels (predict, serve)"
+)
 
 
 class ImageDecodeError(PipelineError, ValueError):
@@ -64,12 +68,15 @@ def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]
     if decoded is not None:
         return decoded
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit; the check below raises a clearer error instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
-                    path, f"{width}x{height} pixels exceeds the limit of {max_pixels} "
-                    "(featurize.max_pixels); raise the limit if the image is genuine"
+                    path, f"{width}x{height} pixels exceeds the limit of {max_pixels}; {RAISE_PIXEL_LIMIT}"
                 )
             image.load()
             return _to_float_gray(image)
@@ -77,7 +84,7 @@ def _decode_gray(path: Path | str, max_pixels: int) -> tuple[Image.Image, float]
         raise ImageDecodeError(path, f"not a readable image ({_error_without_path(error, path)})") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(
-            path, f"rejected as a decompression bomb ({error}); raise featurize.max_pixels if the image is genuine"
+            path, f"rejected as a decompression bomb ({error}); {RAISE_PIXEL_LIMIT}"
         ) from None
 
 
@@ -118,8 +125,7 @@ def _decode_grayscale_png(path: Path, max_pixels: int) -> tuple[Image.Image, flo
         return None
     if width * height > max_pixels:
         raise ImageDecodeError(
-            path, f"{width}x{height} pixels exceeds the limit of {max_pixels} "
-            "(featurize.max_pixels); raise the limit if the image is genuine"
+            path, f"{width}x{height} pixels exceeds the limit of {max_pixels}; {RAISE_PIXEL_LIMIT}"
         )
     try:
         pixels = imagecodecs.png_decode(data)

@@ -13,6 +13,7 @@ import base64
 import io
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -70,7 +71,11 @@ def check_upload(name: str, data: bytes, limits: UploadLimits) -> str:
             f"{name}: {len(data) / 2**20:.1f} MiB is over the limit of {limits.max_bytes / 2**20:g} MiB per image", 413
         )
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit; the pixel check below gives the user a message instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
             image_format, (width, height) = image.format, image.size
     except (UnidentifiedImageError, OSError):
         raise UploadError(f"{name}: not an image that can be read; upload a PNG or JPEG file", 415) from None

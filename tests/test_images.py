@@ -2,6 +2,7 @@
 
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -65,6 +66,16 @@ def test_pixel_limit_rejects_large_image(tmp_path):
     Image.fromarray(np.zeros((100, 100), np.uint8)).save(path)
     with pytest.raises(ImageDecodeError, match="featurize.max_pixels"):
         read_radiograph(path, 5_000)
+
+
+def test_pixel_limit_error_without_pillow_warning(tmp_path, monkeypatch):
+    path = tmp_path / "large-rgb.png"
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6_000)  # Pillow warns between 6,000 and 12,000 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageDecodeError, match="100x100 pixels exceeds the limit of 5000"):
+            read_radiograph(path, 5_000)
 
 
 def test_jpeg_named_png_decodes(tmp_path):
