@@ -116,6 +116,9 @@ def render_word_map(
     return canvas
 
 
+MAP_FILE_PATTERN = re.compile(r"\d{2,}_[a-z0-9-]+\.png")
+
+
 def map_file_name(position: int, word: str) -> str:
     """Name the PNG of the word at 1-based ``position``: ``03_effusion.png``; punctuation gets a name."""
     slug = re.sub(r"[^a-z0-9]+", "-", word.lower()).strip("-") or ("period" if word == "." else "symbol")
@@ -132,9 +135,14 @@ def write_word_maps(
     """Write one PNG per generated word into ``out_dir`` and return their paths in word order.
 
     ``attention`` float32 (steps, regions) with steps >= len(words); row t holds the weights
-    with which word t was chosen. Other files in ``out_dir`` are left alone.
+    with which word t was chosen. Word maps of an earlier report in ``out_dir`` (files named
+    like ``07_effusion.png``) are deleted first, so the folder holds one report's maps; other
+    files are left alone.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old_map in out_dir.iterdir():
+        if MAP_FILE_PATTERN.fullmatch(old_map.name) and old_map.is_file():
+            old_map.unlink()
     written = []
     for position, word in enumerate(words, start=1):
         image = render_word_map(views, attention[position - 1], f"{position}. {word}", view_names)

@@ -82,7 +82,7 @@ def _densenet(image_size: int) -> keras.Model:
 
 
 def _random_backbone(image_size: int) -> tuple[keras.Model, BackboneInfo]:
-    logger.warning(RANDOM_WARNING)
+    logger.info("building DenseNet-121 with random weights (seed %d), as featurize.weights=random asks", RANDOM_SEED)
     keras.utils.set_random_seed(RANDOM_SEED)
     backbone = _densenet(image_size)
     identity = f"DenseNet-121 random seed={RANDOM_SEED} keras={keras.__version__}"
