@@ -693,7 +693,7 @@ def _describe_source(params: DownloadParams) -> _Source:
 
 
 def _mirror_fix(mirror: Path) -> str:
-    return (f"create the mirror with `make-openi-mirror {mirror}`, or set download.mirror to null "
+    return (f"create the mirror with `../shared/tools/make-openi-mirror {mirror}`, or set download.mirror to null "
             "to download from download.base_url")
 
 

@@ -43,8 +43,9 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise WeightsError(
-            f"{path}: a PyTorch file, and torch is not installed; install it with pip install 'cxrgen[torch]' "
-            "(the converted weights are cached, so later runs do not need torch)"
+            f"{path}: a PyTorch file, and torch is not installed; install it from the repository root with "
+            "pip install -c constraints.txt -e '.[torch]' (the converted weights are cached, so later runs "
+            "do not need torch)"
         ) from None
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
