@@ -228,11 +228,31 @@ class Params(_Section):
         return self
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error.
+
+    Plain YAML loading keeps the last of two equal keys, so a second ``train:`` section
+    would silently replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading the mapping that starts on line {node.start_mark.line + 1}", node.start_mark,
+                    f"key {key!r} appears twice (first on line {seen[key].line + 1}); keep one", key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
     """Read and validate ``params.yaml``, raising ParamsError with the fix on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params") from None
     except yaml.YAMLError as error:

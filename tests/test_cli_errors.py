@@ -82,6 +82,16 @@ def test_invalid_params_yaml(project: Path) -> None:
     assert line == "Error: extract: params.yaml: invalid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"
 
 
+def test_repeated_params_section(project: Path) -> None:
+    (project / "params.yaml").write_text("train:\n  epochs: 3\nsplit:\n  seed: 1\ntrain:\n  epochs: 5\n", encoding="utf-8")
+
+    line = error_line(cxrgen(["extract"], project))
+
+    assert line == (
+        "Error: extract: params.yaml: invalid YAML: line 5, column 1: key 'train' appears twice (first on line 1); keep one"
+    )
+
+
 def test_misspelt_param_suggests_key(project: Path) -> None:
     (project / "params.yaml").write_text("extract:\n  min_word: 2\n", encoding="utf-8")
 
