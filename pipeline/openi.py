@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 STUDY_ID_PATTERN = re.compile(r"^(CXR\d+(?:_\d+)?_IM-\d{4})")
 # Image ids become file names downstream, so anything that could leave the images folder is rejected.
-IMAGE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+IMAGE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # ASCII digits only (str.isdigit accepts "²", which int() rejects), and few enough for int64 columns.
 REPORT_ID_PATTERN = re.compile(r"[0-9]{1,18}")
 _DIGIT_RUN = re.compile(r"(\d+)")
@@ -237,7 +237,7 @@ def _read_images(root: etree._Element, source_file: str) -> tuple[list[str], lis
     captions: list[str | None] = []
     for node in root.iter("parentImage"):
         image_id = (node.get("id") or "").strip()
-        if not IMAGE_ID_PATTERN.match(image_id):
+        if not IMAGE_ID_PATTERN.fullmatch(image_id):
             logger.warning("%s: skipped parentImage with invalid id %r", source_file, image_id)
             continue
         if image_id in image_ids:
