@@ -141,8 +141,13 @@ class Featurizer:
         with FeatureCache(cache_dir, self.description, self.settings.cells, self.params.storage_dtype, compression) as cache:
             _remove_stale_outputs(Path(output_path))
             todo = _images_to_compute(cache, image_ids, paths, hashes)
-            cached = len({key for key in hashes.values() if key}) - len(todo)
-            logger.info("featurize: %d distinct images: %d cached, %d to compute", len(image_ids), cached, len(todo))
+            distinct = len({key for key in hashes.values() if key})
+            missing = sum(1 for key in hashes.values() if not key)
+            cached = distinct - len(todo)
+            logger.info(
+                "featurize: %d image files, %d distinct by content (sha256): %d cached, %d to compute; %d missing",
+                len(image_ids), distinct, cached, len(todo), missing,
+            )
             if todo:
                 self._compute(cache, todo)
             status = cache.status([key for key in hashes.values() if key])

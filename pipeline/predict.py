@@ -184,7 +184,12 @@ def load_predictor(
         return _load_checked(Artifacts.from_workspace(repo), weights, max_pixels, require_attention)
     # The loaded model and tokenizer live in memory, so the copied files can go afterwards.
     with tempfile.TemporaryDirectory(prefix="cxrgen-experiment-") as folder:
-        return _load_checked(Artifacts.from_experiment(experiment, repo, folder), weights, max_pixels, require_attention)
+        try:
+            artifacts = Artifacts.from_experiment(experiment, repo, folder)
+            return _load_checked(artifacts, weights, max_pixels, require_attention)
+        except ArtifactError as error:
+            # Name the experiment's files as the user knows them, not by the temporary copy.
+            raise ArtifactError(str(error).replace(f"{folder}/", f"experiment {experiment!r}: ")) from None
 
 
 def _load_checked(artifacts: Artifacts, weights: str | None, max_pixels: int, require_attention: bool) -> ReportPredictor:

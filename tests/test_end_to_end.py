@@ -203,9 +203,9 @@ def test_predict_features_equal_stage_features(project):
 
 def test_predict_from_workspace_and_experiment(project, shared_data, tmp_path):
     names = _experiment_names(project)
-    if "spatial" not in names:
-        _command(["dvc", "exp", "run", "-S", "model=spatial", "-S", "train.epochs=1"], project)
-        names = _experiment_names(project)
+    for model in {"spatial", "simple"} - set(names):
+        _command(["dvc", "exp", "run", "-S", f"model={model}", "-S", "train.epochs=1"], project)
+    names = _experiment_names(project)
     workspace_model = json.loads((project / "models/model.json").read_text())["model"]
     if workspace_model == "spatial":
         _command(["dvc", "exp", "run", "-S", "model=simple", "-S", "train.epochs=1"], project)
@@ -224,6 +224,11 @@ def test_predict_from_workspace_and_experiment(project, shared_data, tmp_path):
     assert "WARNING: RANDOM WEIGHTS" in result.stderr
     assert len(list(maps.glob("*.png"))) == len(from_experiment["tokens"])
     assert {name: (project / name).read_bytes() for name in tracked} == tracked, "the workspace must not change"
+
+    simple = _command([*cli, "--experiment", names["simple"], "--attention", str(maps)], project, check=False)
+    assert simple.returncode != 0
+    assert f"experiment {names['simple']!r}: models/model.json: the simple model has no attention" in simple.stderr
+    assert "cxrgen-experiment-" not in simple.stderr
 
 
 def test_score_gallery(project):

@@ -328,7 +328,7 @@ def test_killed_run_resumes_from_finished_batches(tmp_path):
     second = _featurize_command(tmp_path)
     _, log = second.communicate(timeout=600)
     assert second.returncode == 0, log[-3000:]
-    assert f"{images} distinct images: {finished} cached, {images - finished} to compute" in log
+    assert f"{images} distinct by content (sha256): {finished} cached, {images - finished} to compute" in log
 
     params = FeaturizeParams(weights="random", image_size=224, batch_size=2, storage_dtype="float32")
     reference = tmp_path / "reference.h5"
