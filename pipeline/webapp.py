@@ -213,7 +213,7 @@ def _predict_uploads(
         except ImageDecodeError as error:
             # The message names the temporary file; the user knows it by its view name.
             message = str(error)
-            for (name, _), path in zip(uploads, paths):
+            for (name, _), path in zip(uploads, paths, strict=True):
                 message = message.replace(str(path), f"{name} view")
             raise UploadError(message, 422) from None
     logger.info("serve: %d view(s), %d words", len(paths), len(prediction.words))
