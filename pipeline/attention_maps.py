@@ -136,8 +136,8 @@ def write_word_maps(
 
     ``attention`` float32 (steps, regions) with steps >= len(words); row t holds the weights
     with which word t was chosen. Word maps of an earlier report in ``out_dir`` (files named
-    like ``07_effusion.png``) are deleted first, so the folder holds one report's maps; other
-    files are left alone.
+    like ``07_effusion.png``) are deleted first, so the folder contains the maps of one
+    report. Other files are left alone.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for old_map in out_dir.iterdir():

@@ -129,7 +129,7 @@ def create_app(predictor: ReportPredictor, limits: UploadLimits = UploadLimits()
 
 
 def _form_error_handler(page):
-    """Build the handler that answers a form without the frontal file, or not a form, with 422."""
+    """Build the handler that returns 422 for a form without the frontal file, or a body that is not a form."""
 
     async def reject_bad_form(request: Request, error: RequestValidationError) -> Response:
         fields = sorted({str(item["loc"][-1]) for item in error.errors() if item.get("loc")})
