@@ -152,5 +152,5 @@ def test_missing_torch_named_in_error(tmp_path, torch_model, monkeypatch):
     path = tmp_path / "densenet121.pth"
     torch.save(torch_model.state_dict(), path)
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(WeightsError, match=r"pip install 'cxrgen\[torch\]'"):
+    with pytest.raises(WeightsError, match=re.escape("pip install -c constraints.txt -e '.[torch]'")):
         build_feature_extractor(str(path), SIZE)
