@@ -111,8 +111,9 @@ def render_word_map(
         share = float(cells.sum())
         top = CAPTION_HEIGHT + size
         draw.text((left + 2, top + 2), f"{view_names[index]}: {share:.0%}", fill="black", font=small_font)
-        if share > 0:
-            draw.rectangle((left, top + BAR_TOP, left + round(share * size) - 1, top + BAR_BOTTOM), fill=BAR_COLOUR)
+        bar_width = round(share * size)
+        if bar_width > 0:  # a share under half a pixel gets no bar
+            draw.rectangle((left, top + BAR_TOP, left + bar_width - 1, top + BAR_BOTTOM), fill=BAR_COLOUR)
     return canvas
 
 

@@ -72,6 +72,15 @@ def test_share_bars_follow_view_weights():
     assert filled[SIZE + GAP :].sum() == 0.25 * SIZE
 
 
+def test_share_under_half_pixel_has_no_bar():
+    weights = np.array([0.999, 0.001], np.float32)  # 0.001 * 140 px rounds to no pixel
+    image = np.asarray(render_word_map(_views(), weights, "1. heart"))
+    bar_row = image[CAPTION_HEIGHT + SIZE + BAR_TOP + 1]
+    filled = (bar_row == BAR_COLOUR).all(axis=1)
+    assert filled[:SIZE].sum() == round(0.999 * SIZE)
+    assert filled[SIZE + GAP :].sum() == 0
+
+
 def test_view_weights_rejects_odd_regions():
     with pytest.raises(ValueError, match="do not split into 2 views"):
         view_weights(np.ones(3))
