@@ -90,13 +90,15 @@ def run(
         for system in systems:
             _score_system(system, scorer, references, reference_labels, train_texts)
 
+    # The gallery renders images and may fail on one, so it is written first, and scores.json,
+    # which dvc exp show reads, last: a failed run leaves no scores that look finished.
     scores = _summary(params, model_dir, data, systems)
-    write_text(metrics_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
-    per_observation = {system.name: system.clinical["per_observation"] for system in systems}
-    write_text(metrics_dir / "chexpert.json", json.dumps(per_observation, indent=2) + "\n")
+    _write_gallery(metrics_dir / "gallery", params, model, tokenizer, data, features_path, images_dir, systems, scores)
     _write_predictions(metrics_dir / "predictions.parquet", data, reference_labels, systems)
     _write_f1_plot(plots_dir / "chexpert_f1.csv", systems, reference_labels)
-    _write_gallery(metrics_dir / "gallery", params, model, tokenizer, data, features_path, images_dir, systems, scores)
+    per_observation = {system.name: system.clinical["per_observation"] for system in systems}
+    write_text(metrics_dir / "chexpert.json", json.dumps(per_observation, indent=2) + "\n")
+    write_text(metrics_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
     _log_summary(scores)
     return scores
 
