@@ -187,7 +187,7 @@ def load_predictor(
         try:
             artifacts = Artifacts.from_experiment(experiment, repo, folder)
             return _load_checked(artifacts, weights, max_pixels, require_attention)
-        except ArtifactError as error:
+        except PipelineError as error:
             # Name the experiment's files as the user knows them, not by the temporary copy.
             raise ArtifactError(str(error).replace(f"{folder}/", f"experiment {experiment!r}: ")) from None
 

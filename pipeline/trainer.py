@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -222,8 +223,19 @@ def _write_summary(state: TrainingState, params: Params, metrics_dir: Path) -> N
     write_text(metrics_dir / "train.json", json.dumps(summary, indent=2) + "\n")
 
 
+class ModelFileError(PipelineError, ValueError):
+    """A saved model file that exists but cannot be loaded: empty, truncated or not a Keras archive."""
+
+
 def load_model(path: Path) -> ReportGenerator:
-    """Load a model saved by this stage."""
+    """Load a model saved by this stage; raise ModelFileError naming the file when it is unreadable."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: model not found; run the train stage first (dvc repro train)")
-    return keras.models.load_model(path, compile=False)
+    fix = "restore it with `dvc checkout models/model.keras` or retrain it with `dvc repro train`"
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a .keras archive (a zip file); it is empty or truncated, so {fix}")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ModelFileError(f"{path}: cannot load the model ({type(error).__name__}: {reason}); {fix}") from None

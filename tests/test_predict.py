@@ -136,6 +136,21 @@ def test_missing_artifacts_name_the_fix(tmp_path, shared_data):
     assert "models/model.keras: not found; run `dvc repro`" in result.stderr
 
 
+@pytest.mark.parametrize("cut", [0, 5000], ids=["empty", "truncated"])
+def test_broken_model_file_is_named(trained_workspace, shared_data, tmp_path, cut):
+    workspace = tmp_path / "broken"
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "models" / "model.keras").write_bytes((trained_workspace / "models" / "model.keras").read_bytes()[:cut])
+    (workspace / "models" / "model.json").symlink_to(trained_workspace / "models" / "model.json")
+    (workspace / "data").mkdir()
+    (workspace / "data" / "text").symlink_to(trained_workspace / "data" / "text")
+    result = CliRunner().invoke(main, ["predict", str(_nih(shared_data)), "--repo", str(workspace)])
+    assert result.exit_code == 1
+    assert "models/model.keras: not a .keras archive" in result.stderr
+    assert "dvc checkout models/model.keras" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_unreadable_image_is_named(trained_workspace, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
