@@ -27,6 +27,7 @@ from pipeline.config import (
     ParamsError,
     describe_yaml_error,
     load_params,
+    missing_dvc_params,
     parse_params,
 )
 from pipeline.errors import PipelineError
@@ -294,6 +295,13 @@ def params_check(params_path: Path) -> None:
         load_params(params_path)
     except ParamsError as error:
         raise click.ClickException(str(error)) from None
+    dvc_yaml = params_path.parent / "dvc.yaml"
+    missing = missing_dvc_params(params_path, dvc_yaml) if dvc_yaml.is_file() else []
+    if missing:
+        raise click.ClickException(
+            f"{params_path}: missing {', '.join(missing)}, which {dvc_yaml} declares, so dvc repro stops; "
+            "restore the file with `git checkout params.yaml` or copy the values from `cxrgen params show`"
+        )
     click.echo(f"{params_path}: valid")
 
 

@@ -262,6 +262,28 @@ def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
     return parse_params(raw, source=str(path))
 
 
+def missing_dvc_params(params_path: Path, dvc_yaml: Path) -> list[str]:
+    """Return the params that ``dvc_yaml``'s stages declare and ``params_path`` lacks, such as ``train``.
+
+    The stages read defaults for absent keys, but DVC stops a run when a declared
+    parameter is not in the file.
+    """
+    declared = []
+    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {})
+    for stage in stages.values():
+        declared += [name for name in stage.get("params", []) if isinstance(name, str)]
+    raw = yaml.load(params_path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    return [name for name in dict.fromkeys(declared) if not _has_dotted(raw, name.split("."))]
+
+
+def _has_dotted(mapping: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return False
+        mapping = mapping[key]
+    return True
+
+
 def describe_yaml_error(error: Exception) -> str:
     """Return a PyYAML or ruamel.yaml error as one line: the line, the column and the problem."""
     mark = getattr(error, "problem_mark", None)

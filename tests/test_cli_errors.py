@@ -92,6 +92,32 @@ def test_repeated_params_section(project: Path) -> None:
     )
 
 
+def test_params_check_accepts_checkout_file(project: Path) -> None:
+    result = cxrgen(["params", "check"], project)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "params.yaml: valid\n"
+
+
+def test_params_check_names_missing_sections(project: Path) -> None:
+    (project / "params.yaml").write_text("", encoding="utf-8")
+
+    line = error_line(cxrgen(["params", "check"], project))
+
+    assert line.startswith("Error: params.yaml: missing download, extract, split, featurize, tokenize, model, train, score")
+    assert "so dvc repro stops" in line
+
+
+def test_params_check_names_missing_dotted_key(project: Path) -> None:
+    params = (project / "params.yaml").read_text(encoding="utf-8")
+    kept = [line for line in params.splitlines() if not line.strip().startswith("max_pixels:")]
+    (project / "params.yaml").write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+    line = error_line(cxrgen(["params", "check"], project))
+
+    assert line.startswith("Error: params.yaml: missing featurize.max_pixels, which dvc.yaml declares")
+
+
 def test_misspelt_param_suggests_key(project: Path) -> None:
     (project / "params.yaml").write_text("extract:\n  min_word: 2\n", encoding="utf-8")
 
