@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -278,8 +279,21 @@ def serve(host: str, port: int, max_upload_mb: float, max_pixels: int,
         logger.warning("serve: listening on %s; anyone who reaches this address can use the page", host)
 
     app = create_app(predictor, UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels))
+    _require_free_port(host, port)
     logger.info("serve: open http://%s:%d/ in a browser", host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+def _require_free_port(host: str, port: int) -> None:
+    """Raise ClickException when ``host``:``port`` cannot be bound, before the page's address is printed."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise click.ClickException(f"serve: cannot listen on {host}:{port} ({reason}); choose another --port") from None
 
 
 @main.group("params")

@@ -91,6 +91,20 @@ def _raw_post(url: str, headers: str) -> str:
         return connection.recv(4096).decode("latin-1").split("\r\n", 1)[0]
 
 
+def test_busy_port_is_an_error():
+    import click
+
+    from pipeline.cli import _require_free_port
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(click.ClickException, match=f"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            _require_free_port("127.0.0.1", port)
+    _require_free_port("127.0.0.1", port)  # free again once the listener has closed
+
+
 def test_health_names_model(server):
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok", "model": "spatial", "attention": True}
 
