@@ -677,6 +677,11 @@ def _obtain_and_extract(
 def _describe_source(params: DownloadParams) -> _Source:
     if params.mirror:
         mirror = Path(params.mirror)
+        if mirror.exists() and not mirror.is_dir():
+            raise DownloadError(
+                f"download.mirror {mirror}: a file, not a folder; set download.mirror to the folder that holds "
+                "NLMCXR_reports.tgz and NLMCXR_png.tgz"
+            )
         if not mirror.is_dir():
             raise DownloadError(f"download.mirror {mirror}: folder not found; {_mirror_fix(mirror)}")
         sums_path = mirror / CHECKSUMS_FILE

@@ -137,6 +137,15 @@ def test_missing_mirror_folder(project: Path) -> None:
     assert f"download.mirror {project / 'no-mirror'}: folder not found" in line
 
 
+def test_mirror_path_is_a_file(project: Path) -> None:
+    (project / "mirror.tgz").write_bytes(b"not a folder")
+    set_params(project, f"download.mirror={project / 'mirror.tgz'}")
+
+    line = error_line(cxrgen(["download"], project))
+
+    assert f"download.mirror {project / 'mirror.tgz'}: a file, not a folder" in line
+
+
 def test_mirror_archive_not_openi(project: Path) -> None:
     mirror = project / "mirror"
     mirror.mkdir()
