@@ -679,7 +679,7 @@ def _describe_source(params: DownloadParams) -> _Source:
         mirror = Path(params.mirror)
         if mirror.exists() and not mirror.is_dir():
             raise DownloadError(
-                f"download.mirror {mirror}: a file, not a folder; set download.mirror to the folder that holds "
+                f"download.mirror {mirror}: is a file, expected a folder; set download.mirror to the folder that holds "
                 "NLMCXR_reports.tgz and NLMCXR_png.tgz"
             )
         if not mirror.is_dir():

@@ -110,8 +110,8 @@ def test_params_check_names_missing_sections(project: Path) -> None:
 
 def test_params_check_names_missing_dotted_key(project: Path) -> None:
     params = (project / "params.yaml").read_text(encoding="utf-8")
-    kept = [line for line in params.splitlines() if not line.strip().startswith("max_pixels:")]
-    (project / "params.yaml").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    without_max_pixels = [line for line in params.splitlines() if not line.strip().startswith("max_pixels:")]
+    (project / "params.yaml").write_text("\n".join(without_max_pixels) + "\n", encoding="utf-8")
 
     line = error_line(cxrgen(["params", "check"], project))
 
@@ -143,7 +143,7 @@ def test_mirror_path_is_a_file(project: Path) -> None:
 
     line = error_line(cxrgen(["download"], project))
 
-    assert f"download.mirror {project / 'mirror.tgz'}: a file, not a folder" in line
+    assert f"download.mirror {project / 'mirror.tgz'}: is a file, expected a folder" in line
 
 
 def test_mirror_archive_not_openi(project: Path) -> None:
